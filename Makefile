@@ -1,0 +1,35 @@
+# Both entry points bootstrap a local virtual environment on a fresh machine.
+# torch is pinned for the bootstrap (a CPU wheel that installs from local disk); setup.py
+# itself states a range.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: test demo bench lint clean
+
+$(VENV)/.base: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH_PIN)
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.full: $(VENV)/.base setup.py
+	$(PIP) -e ".[dev,hf,triton,bench]"
+	touch $@
+
+test: $(VENV)/.full
+	$(PY) -m pytest tests
+
+demo: $(VENV)/.base
+	$(PY) examples/demo.py
+
+bench: $(VENV)/.full
+	$(PY) -m pytest benchmarks
+
+lint: $(VENV)/.full
+	$(PY) -m ruff check pear_kernels tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

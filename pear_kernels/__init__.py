@@ -1,0 +1,25 @@
+"""pear_kernels: fused PEAR loss kernels for SFT that prepares for RL.
+
+Public API: fused_pear_loss, PEARLoss, PEARConfig, Variant, pear_weights, pear_log_weights,
+reference_pear_loss (the materialised-logits oracle) and PEARStats.
+"""
+
+from .config import PEARConfig, Variant
+from .loss import PEARLoss, fused_pear_loss
+from .reference import reference_pear_loss
+from .stats import PEARStats
+from .weights import pear_log_weights, pear_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PEARConfig",
+    "PEARLoss",
+    "PEARStats",
+    "Variant",
+    "fused_pear_loss",
+    "pear_log_weights",
+    "pear_weights",
+    "reference_pear_loss",
+    "__version__",
+]

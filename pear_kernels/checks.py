@@ -1,0 +1,176 @@
+"""Input validation shared by every entry point: errors name the argument at fault."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import REDUCTIONS
+
+__all__ = ["CheckedInputs", "check_inputs", "check_cu_seqlens"]
+
+# Behavior log-probs a hair above 0 come from float rounding in the sampler (log of a
+# probability that rounded to 1); anything larger is a bug in the data, not rounding.
+BEHAVIOR_LOGPROB_TOLERANCE = 1e-4
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class CheckedInputs:
+    hidden: torch.Tensor  # (N, H), contiguous view of the caller's tensor
+    labels: torch.Tensor  # (N,) int64
+    behavior_logprobs: torch.Tensor  # (N,) caller's float dtype
+    mask: torch.Tensor  # (N,) bool, supervised tokens
+    row_length: Optional[int]  # T for (B, T) inputs
+    input_shape: torch.Size  # labels' original shape, for reduction="none"
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int, device: torch.device) -> None:
+    if not torch.is_tensor(cu_seqlens):
+        raise TypeError("cu_seqlens must be a 1-D integer tensor")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.is_complex():
+        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}")
+    cu = cu_seqlens.to(torch.int64)
+    first, last = int(cu[0]), int(cu[-1])
+    if first != 0 or last != n_tokens:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at the number of tokens {n_tokens}, "
+            f"got {first} ... {last}"
+        )
+    steps = cu[1:] - cu[:-1]
+    if bool((steps < 0).any()):
+        bad = int((steps < 0).nonzero()[0])
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing, but cu_seqlens[{bad + 1}] = {int(cu[bad + 1])} "
+            f"< cu_seqlens[{bad}] = {int(cu[bad])}"
+        )
+
+
+def _check_float(name: str, t, allow_half: bool = True) -> None:
+    if not torch.is_tensor(t):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor],
+    temperature: float,
+    reduction: str,
+    num_items_in_batch,
+    ignore_index: int,
+) -> CheckedInputs:
+    """Validate and flatten the inputs of fused_pear_loss / reference_pear_loss."""
+    _check_float("hidden", hidden)
+    _check_float("lm_head_weight", weight)
+    _check_float("behavior_logprobs", behavior_logprobs)
+    if not torch.is_tensor(labels):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be (N, H) or (B, T, H), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must be (V, H), got shape {tuple(weight.shape)}")
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(
+            f"lm_head_weight must be (V, {H}) to match hidden's last dim {H}, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if V == 0:
+        raise ValueError("lm_head_weight has an empty vocabulary (V = 0)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"lm_head_weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}"
+        )
+    lead = tuple(hidden.shape[:-1])
+    if tuple(labels.shape) != lead:
+        raise ValueError(f"labels must have shape {lead} to match hidden, got {tuple(labels.shape)}")
+    if tuple(behavior_logprobs.shape) != lead:
+        raise ValueError(
+            f"behavior_logprobs must have shape {lead} to match labels, "
+            f"got {tuple(behavior_logprobs.shape)}"
+        )
+    device = hidden.device
+    for name, t in (("lm_head_weight", weight), ("labels", labels), ("behavior_logprobs", behavior_logprobs)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+    if bias is not None:
+        _check_float("bias", bias)
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape ({V},), got {tuple(bias.shape)}")
+        if bias.device != device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {device}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} does not match hidden dtype {hidden.dtype}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a positive number, got {temperature!r}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_items_in_batch is not None:
+        if reduction != "mean":
+            raise ValueError(
+                f"num_items_in_batch only applies to reduction='mean', got reduction={reduction!r}"
+            )
+        n = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not n > 0:
+            raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+
+    row_length = None
+    if hidden.dim() == 3:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens applies to packed (N, H) inputs; (B, T, H) rows are sequences")
+        row_length = hidden.shape[1]
+    n_tokens = labels.numel()
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, n_tokens, device)
+
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    mask = flat_labels != ignore_index
+    sup_labels = flat_labels[mask]
+    if sup_labels.numel():
+        bad = (sup_labels < 0) | (sup_labels >= V)
+        if bool(bad.any()):
+            pos = int(mask.nonzero()[bad.nonzero()[0]].reshape(-1)[0])
+            raise ValueError(
+                f"labels must be in [0, {V}) or ignore_index={ignore_index}; "
+                f"labels.view(-1)[{pos}] = {int(flat_labels[pos])}"
+            )
+    flat_lb = behavior_logprobs.reshape(-1)
+    sup_lb = flat_lb[mask]
+    if sup_lb.numel():
+        bad = torch.isnan(sup_lb) | (sup_lb > BEHAVIOR_LOGPROB_TOLERANCE)
+        if bool(bad.any()):
+            pos = int(mask.nonzero()[bad.nonzero()[0]].reshape(-1)[0])
+            raise ValueError(
+                "behavior_logprobs must be log-probabilities (finite or -inf, <= 0) on supervised "
+                f"tokens; behavior_logprobs.view(-1)[{pos}] = {float(flat_lb[pos])}. "
+                "Check that they are aligned with labels (same token ids, same shift)."
+            )
+    return CheckedInputs(
+        hidden=hidden.reshape(-1, H),
+        labels=flat_labels,
+        behavior_logprobs=flat_lb,
+        mask=mask,
+        row_length=row_length,
+        input_shape=labels.shape,
+    )

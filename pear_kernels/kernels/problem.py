@@ -1,0 +1,79 @@
+"""What every backend receives and returns: one problem in, one result out.
+
+A backend module (``torch_chunked``, ``triton_pear``, ...) exposes
+
+    forward(problem, grad_scale=None, need=(dh, dW, db)) -> ForwardResult
+    backward(problem, coef, log_w_unused, need) -> Grads        (recompute path, reduction="none")
+    token_logprobs(problem) -> (M,) float32 log pi_theta of the supervised labels
+
+``grad_scale`` is the factor d loss / d token_loss (1/normalizer for "mean", 1 for "sum");
+when it is given, forward also returns the gradients (the Liger-style "gradient in forward":
+no logits are kept for backward, and backward only scales). ``coef`` (M,) is the full
+per-token factor of (softmax - onehot) / temperature for the recompute path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import PEARConfig
+from ..weights import SequenceLayout
+
+__all__ = ["PEARProblem", "Grads", "ForwardResult", "default_chunk_size", "CHUNK_BUDGET_BYTES"]
+
+# Working memory for one chunk of logits. 256 MiB keeps a chunk of a 152k vocabulary at about
+# 440 rows (matmuls stay efficient) while staying far below the naive (N x V) logits.
+CHUNK_BUDGET_BYTES = 256 * 2**20
+# Above this many rows a chunk gains nothing in matmul efficiency, and small-vocabulary
+# problems (RL on toy tasks) would otherwise get one giant chunk.
+MAX_CHUNK_ROWS = 8192
+
+
+@dataclass
+class PEARProblem:
+    hidden: torch.Tensor  # (N, H)
+    weight: torch.Tensor  # (V, H)
+    bias: Optional[torch.Tensor]  # (V,) or None
+    labels: torch.Tensor  # (N,) int64
+    behavior_logprobs: torch.Tensor  # (N,)
+    layout: SequenceLayout
+    config: PEARConfig
+    temperature: float = 1.0
+    chunk_size: Optional[int] = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    def rows(self) -> int:
+        """Chunk length in compact (supervised) tokens."""
+        if self.chunk_size is not None:
+            return max(1, int(self.chunk_size))
+        return default_chunk_size(self.vocab_size, self.hidden.element_size())
+
+
+def default_chunk_size(vocab_size: int, element_size: int = 4) -> int:
+    # per row: fp32 logits/dlogits buffer, plus a half-precision logits copy for 16-bit inputs
+    per_row = vocab_size * (4 + (element_size if element_size < 4 else 0))
+    return int(max(1, min(MAX_CHUNK_ROWS, CHUNK_BUDGET_BYTES // max(per_row, 1))))
+
+
+@dataclass
+class Grads:
+    hidden: Optional[torch.Tensor]  # (N, H) hidden dtype
+    weight: Optional[torch.Tensor]  # (V, H) float32 accumulator (float64 for float64 inputs)
+    bias: Optional[torch.Tensor]  # (V,) same
+
+
+@dataclass
+class ForwardResult:
+    logp: torch.Tensor  # (M,) float32 (float64 for float64 inputs)
+    log_ratio: torch.Tensor  # (M,) float64, unclipped
+    log_w_raw: torch.Tensor  # (M,) float64, before the log-weight clip
+    log_w: torch.Tensor  # (M,) float64, clipped
+    loss_sum: torch.Tensor  # () float64: sum_t w_t * -logp_t
+    grads: Optional[Grads]
+

@@ -1,0 +1,212 @@
+"""Chunked PyTorch PEAR kernels: the CPU path (and a portable fallback on any device).
+
+Never a (tokens x vocab) tensor: the supervised tokens are cut into chunks of ``rows`` tokens
+and only one (rows x V) logits buffer lives at a time.
+
+Gradient (per supervised token t, logits z = (h W^T + b) / temperature, p = softmax(z)):
+
+    loss        = sum_t c_t * -log p_t[y_t]           c_t = w_t * grad_scale (w detached)
+    dloss/dz_t  = c_t * (p_t - onehot(y_t))
+    dloss/dlogit_raw = dloss/dz / temperature
+    dh_t = dlogits_t @ W,   dW = sum_t dlogits_t^T h_t,   db = sum_t dlogits_t
+
+The weight w_t must be known before dlogits_t is reduced into dW. For the token and block
+variants it depends only on later tokens, so chunks are visited from the end of the batch
+(every sequence from its end) and the suffix sums carry across chunk boundaries: one pass,
+3 matmuls per chunk (logits, dh, dW). The sequence variant needs all log-probs of a sequence
+first: a log-prob pre-pass (1 matmul), then the same gradient pass, unless one chunk holds
+everything.
+
+Row work per chunk, in place on one buffer L (float32, float64 for float64 inputs):
+    tgt = L[y];  m = max L;  L = exp(L - m);  s = sum L;  logp = tgt - m - log s
+    L *= coef / s;  L[y] -= coef                   -> L is now dlogits
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+from ..config import Variant
+from ..weights import clip_log_ratio, clip_log_weights, fill_suffix_sums, log_weights_for_range
+from .problem import ForwardResult, Grads, PEARProblem
+
+__all__ = ["forward", "backward", "token_logprobs"]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks_from_end(m: int, rows: int) -> Iterator[Tuple[int, int]]:
+    end = m
+    while end > 0:
+        start = max(0, end - rows)
+        yield start, end
+        end = start
+
+
+def _token_rows(problem: PEARProblem, start: int, end: int):
+    """Flat positions of compact tokens [start, end): a slice when contiguous, else an index."""
+    idx = problem.layout.sup_index[start:end]
+    first, last = int(idx[0]), int(idx[-1])
+    if last - first == end - start - 1:
+        return slice(first, last + 1)
+    return idx
+
+
+def _logits(problem: PEARProblem, h_c: torch.Tensor) -> torch.Tensor:
+    """(rows, V) logits of a chunk in the working dtype, divided by the temperature."""
+    w, b = problem.weight, problem.bias
+    work = _work_dtype(h_c.dtype)
+    if h_c.dtype == work:
+        logits = torch.addmm(b, h_c, w.t()) if b is not None else torch.mm(h_c, w.t())
+    else:
+        # 16-bit matmul (fp32 accumulation inside the BLAS), softmax math in fp32
+        logits = torch.mm(h_c, w.t()).to(work)
+        if b is not None:
+            logits += b
+    if problem.temperature != 1.0:
+        logits.mul_(1.0 / problem.temperature)
+    return logits
+
+
+def _softmax_stats_(logits: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """In place: logits <- exp(logits - rowmax). Returns (logp of y, row sum of exp)."""
+    tgt = logits.gather(1, y[:, None]).squeeze(1)
+    m = logits.amax(dim=1, keepdim=True)
+    logits.sub_(m).exp_()
+    s = logits.sum(dim=1)
+    logp = tgt - m.squeeze(1) - torch.log(s)
+    return logp, s
+
+
+def _dlogits_(expz: torch.Tensor, s: torch.Tensor, y: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """In place: exp(z - m) -> coef * (softmax - onehot). coef already holds 1/temperature."""
+    expz.mul_((coef / s)[:, None])
+    expz.scatter_add_(1, y[:, None], -coef[:, None].to(expz.dtype))
+    return expz
+
+
+class _GradSink:
+    """Accumulates dh (scattered into token rows), dW and db from per-chunk dlogits."""
+
+    def __init__(self, problem: PEARProblem, need: Tuple[bool, bool, bool]):
+        h, w = problem.hidden, problem.weight
+        work = _work_dtype(h.dtype)
+        self.need = need
+        self.problem = problem
+        self.dh = torch.zeros_like(h) if need[0] else None
+        self.dw = torch.zeros(w.shape, dtype=work, device=w.device) if need[1] else None
+        self.db = (
+            torch.zeros(w.shape[0], dtype=work, device=w.device)
+            if need[2] and problem.bias is not None
+            else None
+        )
+
+    def add(self, dlogits: torch.Tensor, h_c: torch.Tensor, rows) -> None:
+        w = self.problem.weight
+        if self.dh is not None:
+            d_in = dlogits if dlogits.dtype == w.dtype else dlogits.to(w.dtype)
+            if isinstance(rows, slice):
+                torch.mm(d_in, w, out=self.dh[rows])
+            else:
+                self.dh.index_copy_(0, rows, torch.mm(d_in, w))
+        if self.dw is not None:
+            h_work = h_c if h_c.dtype == self.dw.dtype else h_c.to(self.dw.dtype)
+            self.dw.addmm_(dlogits.t(), h_work)
+        if self.db is not None:
+            self.db += dlogits.sum(dim=0)
+
+    def result(self) -> Grads:
+        return Grads(self.dh, self.dw, self.db)
+
+
+def token_logprobs(problem: PEARProblem) -> torch.Tensor:
+    """(M,) log pi_theta of every supervised label, one chunk of logits at a time."""
+    layout = problem.layout
+    m = layout.num_supervised
+    out = torch.empty(m, dtype=_work_dtype(problem.hidden.dtype), device=problem.hidden.device)
+    for start, end in _chunks_from_end(m, problem.rows()):
+        h_c = problem.hidden[_token_rows(problem, start, end)]
+        y = problem.labels[layout.sup_index[start:end]]
+        out[start:end], _ = _softmax_stats_(_logits(problem, h_c), y)
+    return out
+
+
+def forward(
+    problem: PEARProblem,
+    grad_scale: Optional[float] = None,
+    need: Tuple[bool, bool, bool] = (False, False, False),
+) -> ForwardResult:
+    """Log-probs, weights and the weighted loss sum; with grad_scale, the gradients too."""
+    layout, config = problem.layout, problem.config
+    m = layout.num_supervised
+    device = problem.hidden.device
+    rows = problem.rows()
+    behavior = problem.behavior_logprobs[layout.sup_index].to(torch.float64)
+    want_grads = grad_scale is not None and any(need)
+    sink = _GradSink(problem, need) if want_grads else None
+
+    logp_all = torch.empty(m, dtype=_work_dtype(problem.hidden.dtype), device=device)
+    d = torch.empty(m, dtype=torch.float64, device=device)
+    incl = torch.empty(m, dtype=torch.float64, device=device)
+    log_w_raw = torch.empty(m, dtype=torch.float64, device=device)
+
+    # The sequence weight needs every log-prob of a sequence before any of its gradients.
+    prepass = config.variant is Variant.SEQUENCE and m > rows
+    if prepass:
+        logp_all = token_logprobs(problem)
+        d = clip_log_ratio(logp_all.to(torch.float64) - behavior, config)
+        fill_suffix_sums(d, incl, layout, 0, m)
+        log_w_raw = log_weights_for_range(d, incl, layout, config, 0, m)
+        if sink is None:
+            return _finish(problem, logp_all, behavior, log_w_raw, None)
+
+    weights_known = prepass
+    for start, end in _chunks_from_end(m, rows):
+        token_rows = _token_rows(problem, start, end)
+        h_c = problem.hidden[token_rows]
+        y = problem.labels[layout.sup_index[start:end]]
+        expz = _logits(problem, h_c)
+        logp, sumexp = _softmax_stats_(expz, y)
+        if not weights_known:
+            logp_all[start:end] = logp
+            d[start:end] = clip_log_ratio(logp.to(torch.float64) - behavior[start:end], config)
+            # (sequence variant without pre-pass: this one chunk holds every token)
+            fill_suffix_sums(d, incl, layout, start, end)
+            log_w_raw[start:end] = log_weights_for_range(d, incl, layout, config, start, end)
+        if sink is not None:
+            w = clip_log_weights(log_w_raw[start:end], config).exp()
+            coef = (w * (grad_scale / problem.temperature)).to(expz.dtype)
+            sink.add(_dlogits_(expz, sumexp, y, coef), h_c, token_rows)
+    return _finish(problem, logp_all, behavior, log_w_raw, sink.result() if sink else None)
+
+
+def _finish(problem, logp, behavior, log_w_raw, grads) -> ForwardResult:
+    log_w = clip_log_weights(log_w_raw, problem.config)
+    loss_sum = -(log_w.exp() * logp.to(torch.float64)).sum()
+    return ForwardResult(
+        logp=logp,
+        log_ratio=logp.to(torch.float64) - behavior,
+        log_w_raw=log_w_raw,
+        log_w=log_w,
+        loss_sum=loss_sum,
+        grads=grads,
+    )
+
+
+def backward(problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, bool]) -> Grads:
+    """Recompute pass: gradients for per-token factors ``coef`` (M,) of w * grad_output."""
+    layout = problem.layout
+    sink = _GradSink(problem, need)
+    for start, end in _chunks_from_end(layout.num_supervised, problem.rows()):
+        token_rows = _token_rows(problem, start, end)
+        h_c = problem.hidden[token_rows]
+        y = problem.labels[layout.sup_index[start:end]]
+        expz = _logits(problem, h_c)
+        _, sumexp = _softmax_stats_(expz, y)
+        c = (coef[start:end] / problem.temperature).to(expz.dtype)
+        sink.add(_dlogits_(expz, sumexp, y, c), h_c, token_rows)
+    return sink.result()

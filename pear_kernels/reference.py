@@ -1,0 +1,101 @@
+"""The reference PEAR loss: materialises the full (tokens x vocab) logits.
+
+It is the oracle every backend is tested against (run it in float64 for truth) and the naive
+baseline the benchmarks measure. Plain autograd from start to end: the gradient of
+``w_t * -logp_t`` with w_t detached, nothing hand-derived.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .checks import check_inputs
+from .config import PEARConfig
+from .stats import PEARStats, summarize
+from .weights import build_layout, compute_log_weights
+
+__all__ = ["reference_pear_loss", "reduce_token_losses"]
+
+
+def reduce_token_losses(
+    token_loss: torch.Tensor,
+    sup_index: torch.Tensor,
+    n_tokens: int,
+    shape,
+    reduction: str,
+    num_items_in_batch,
+) -> torch.Tensor:
+    """Apply the spec's normalizer to compact (M,) weighted token losses."""
+    if reduction == "none":
+        out = token_loss.new_zeros(n_tokens)
+        out = out.index_put((sup_index,), token_loss)
+        return out.reshape(shape)
+    total = token_loss.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is not None:
+        denom = num_items_in_batch
+        if torch.is_tensor(denom):
+            denom = denom.to(device=total.device, dtype=total.dtype)
+        return total / denom
+    return total / max(int(sup_index.numel()), 1)
+
+
+def reference_pear_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    config: Optional[PEARConfig] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    return_stats: bool = False,
+    compute_dtype: Optional[torch.dtype] = None,
+    **overrides,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, PEARStats]]:
+    """PEAR loss with materialised logits; same arguments as ``fused_pear_loss``.
+
+    ``compute_dtype`` (e.g. torch.float64) casts hidden, weight and bias before the matmul, so
+    the whole computation runs in that precision; by default half-precision logits are upcast
+    to float32 for the softmax, as Hugging Face models do.
+    """
+    config = (config or PEARConfig()).with_overrides(**overrides)
+    chk = check_inputs(
+        hidden, lm_head_weight, labels, behavior_logprobs,
+        bias=bias, cu_seqlens=cu_seqlens, temperature=temperature, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+    )
+    h, w, b = chk.hidden, lm_head_weight, bias
+    if compute_dtype is not None:
+        h, w = h.to(compute_dtype), w.to(compute_dtype)
+        b = b.to(compute_dtype) if b is not None else None
+    logits = h @ w.t()
+    if b is not None:
+        logits = logits + b
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+
+    layout = build_layout(
+        chk.mask, block_size=config.block_size, row_length=chk.row_length, cu_seqlens=cu_seqlens
+    )
+    idx = layout.sup_index
+    logp = logprobs[idx, chk.labels[idx]]
+    log_ratio = logp.detach().to(torch.float64) - chk.behavior_logprobs[idx].to(torch.float64)
+    log_w, log_w_raw = compute_log_weights(log_ratio, layout, config)
+    token_loss = -(log_w.exp().to(logp.dtype) * logp)
+    loss = reduce_token_losses(
+        token_loss, idx, layout.n_tokens, chk.input_shape, reduction, num_items_in_batch
+    )
+    if not return_stats:
+        return loss
+    return loss, summarize(logp, log_ratio, log_w_raw, log_w, layout, config, chk.input_shape)

@@ -1,0 +1,281 @@
+"""The PEAR weight math, in one place.
+
+Everything here works on the *compact* array of supervised tokens (labels != ignore_index),
+in flat order, so sequences are contiguous runs and masked tokens simply do not exist.
+For supervised token i (compact index) of a sequence with T supervised tokens:
+
+    d_i          = clip(logp_theta_i - logp_beta_i, delta_min, delta_max)       (float64)
+    incl_i       = sum_{j >= i, same sequence} d_j        (inclusive suffix sum)
+    token:    log G_i = n_after_i * log(gamma) + incl_i - d_i                  (n_after_i = T - t)
+    block:    log G_i = log G^token at e_k, the last token of i's block
+                      = (T - e_k) log(gamma) + sum_{m > k} rho_m   (spec's formula, rewritten)
+    sequence: log G_i = incl at the sequence's first supervised token
+    none:     log G_i = 0
+    then clip to [logw_min, logw_max] and w = exp(.)
+
+The block identity holds because sum_{m>k} rho_m is exactly the suffix sum strictly after e_k.
+
+The chunked kernels walk each sequence from its end in chunks of compact tokens and call
+``fill_suffix_sums`` for each chunk (the carry from later chunks is read back from the
+``incl`` buffer), then ``log_weights_for_range``; the reference calls both once over the
+whole batch. No other module computes a weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .config import PEARConfig, Variant
+
+__all__ = [
+    "SequenceLayout",
+    "build_layout",
+    "clip_log_ratio",
+    "fill_suffix_sums",
+    "log_weights_for_range",
+    "clip_log_weights",
+    "compute_log_weights",
+    "pear_log_weights",
+    "pear_weights",
+]
+
+
+@dataclass
+class SequenceLayout:
+    """Integer structure of the supervised tokens of a batch (model independent).
+
+    All per-token tensors are int64 of length M (number of supervised tokens), compact order.
+    """
+
+    n_tokens: int  # N, all tokens, masked included
+    sup_index: torch.Tensor  # flat position of each supervised token, ascending
+    seq_id: torch.Tensor  # sequence of each supervised token (non-decreasing)
+    n_after: torch.Tensor  # supervised tokens after it in its sequence (T - t)
+    seq_start: torch.Tensor  # compact index of its sequence's first supervised token
+    seq_end: torch.Tensor  # compact index one past its sequence's last supervised token
+    block_end: torch.Tensor  # compact index of the last token of its block
+    seq_lengths: torch.Tensor  # (S,) supervised tokens per sequence
+    num_sequences: int
+
+    @property
+    def num_supervised(self) -> int:
+        return int(self.sup_index.numel())
+
+
+def token_sequence_ids(
+    n_tokens: int,
+    *,
+    row_length: Optional[int] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    device: torch.device | str = "cpu",
+) -> Tuple[torch.Tensor, int]:
+    """Sequence id of every flat token, and the number of sequences.
+
+    ``row_length``: (B, T) input flattened row-major, each row a sequence.
+    ``cu_seqlens``: packed rows, segment s is [cu_seqlens[s], cu_seqlens[s+1]).
+    Neither: the whole of N is one sequence.
+    """
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        positions = torch.arange(n_tokens, device=device)
+        # token p belongs to the segment s with cu[s] <= p < cu[s+1]; empty segments are skipped.
+        ids = torch.searchsorted(cu[1:], positions, right=True)
+        return ids, int(cu.numel() - 1)
+    if row_length is not None:
+        rows = n_tokens // row_length if row_length > 0 else 0
+        return torch.arange(n_tokens, device=device) // max(row_length, 1), rows
+    return torch.zeros(n_tokens, dtype=torch.int64, device=device), 1
+
+
+def build_layout(
+    mask: torch.Tensor,
+    *,
+    block_size: int = 1,
+    row_length: Optional[int] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> SequenceLayout:
+    """Layout of the supervised tokens of a flat ``mask`` (True = supervised)."""
+    mask = mask.reshape(-1)
+    device = mask.device
+    n_tokens = mask.numel()
+    tok_seq, num_seq = token_sequence_ids(
+        n_tokens, row_length=row_length, cu_seqlens=cu_seqlens, device=device
+    )
+    sup_index = mask.nonzero().reshape(-1)
+    seq_id = tok_seq[sup_index]
+    seq_lengths = torch.bincount(seq_id, minlength=max(num_seq, 1))[: max(num_seq, 0)]
+    starts = torch.cumsum(seq_lengths, 0) - seq_lengths
+    if seq_id.numel():
+        my_start = starts[seq_id]
+        my_len = seq_lengths[seq_id]
+    else:
+        my_start = torch.zeros(0, dtype=torch.int64, device=device)
+        my_len = torch.zeros(0, dtype=torch.int64, device=device)
+    rank = torch.arange(seq_id.numel(), device=device) - my_start
+    block_last_rank = torch.minimum((rank // block_size + 1) * block_size - 1, my_len - 1)
+    return SequenceLayout(
+        n_tokens=n_tokens,
+        sup_index=sup_index,
+        seq_id=seq_id,
+        n_after=my_len - 1 - rank,
+        seq_start=my_start,
+        seq_end=my_start + my_len,
+        block_end=my_start + block_last_rank,
+        seq_lengths=seq_lengths,
+        num_sequences=num_seq,
+    )
+
+
+def clip_log_ratio(log_ratio: torch.Tensor, config: PEARConfig) -> torch.Tensor:
+    """Per-decision clip of the log-ratio, in float64 (the scan's working precision)."""
+    low, high = config.delta_clip
+    return log_ratio.to(torch.float64).clamp(low, high)
+
+
+def fill_suffix_sums(
+    d: torch.Tensor, incl: torch.Tensor, layout: SequenceLayout, start: int, end: int
+) -> None:
+    """Write incl[i] = sum of d over [i, end of i's sequence) for i in [start, end).
+
+    ``d`` and ``incl`` are float64 buffers of length M. Entries at or after ``end`` must already
+    hold their final values (chunks are visited from the back), which is how a sequence that
+    spans several chunks carries its suffix sum.
+    """
+    if end <= start:
+        return
+    d_c = d[start:end]
+    # local[k] = sum_{j = start+k .. end-1} d_j, with a trailing 0 for "nothing after the chunk"
+    local = torch.zeros(end - start + 1, dtype=d.dtype, device=d.device)
+    local[:-1] = torch.flip(torch.cumsum(torch.flip(d_c, (0,)), 0), (0,))
+    seq_end = layout.seq_end[start:end]
+    inside = seq_end <= end
+    # sequence ends inside the chunk: subtract what lies beyond its end
+    cut = (seq_end.clamp(max=end) - start)
+    suffix = local[:-1] - local[cut]
+    if end < incl.numel():
+        # sequence continues past the chunk: add the carry stored at the first later token
+        suffix = torch.where(inside, suffix, local[:-1] + incl[end])
+    incl[start:end] = suffix
+
+
+def log_weights_for_range(
+    d: torch.Tensor,
+    incl: torch.Tensor,
+    layout: SequenceLayout,
+    config: PEARConfig,
+    start: int,
+    end: int,
+) -> torch.Tensor:
+    """Unclipped float64 log G for compact tokens [start, end).
+
+    Needs incl filled for every index a token of the range reads: for token and block, the
+    range itself and anything after it in the same sequence; for sequence, the whole sequence.
+    """
+    variant = config.variant
+    if variant is Variant.NONE:
+        return torch.zeros(end - start, dtype=torch.float64, device=d.device)
+    log_gamma = config.log_gamma
+    if variant is Variant.TOKEN:
+        idx = slice(start, end)
+        return layout.n_after[idx].to(torch.float64) * log_gamma + (incl[idx] - d[idx])
+    if variant is Variant.BLOCK:
+        be = layout.block_end[start:end]
+        return layout.n_after[be].to(torch.float64) * log_gamma + (incl[be] - d[be])
+    if variant is Variant.SEQUENCE:
+        return incl[layout.seq_start[start:end]].clone()
+    raise AssertionError(f"unhandled variant {variant}")
+
+
+def clip_log_weights(log_g: torch.Tensor, config: PEARConfig) -> torch.Tensor:
+    low, high = config.log_weight_clip
+    return log_g.clamp(low, high)
+
+
+def compute_log_weights(
+    log_ratio_sup: torch.Tensor, layout: SequenceLayout, config: PEARConfig
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Clipped and unclipped float64 log-weights for all M compact tokens at once."""
+    d = clip_log_ratio(log_ratio_sup, config)
+    incl = torch.empty_like(d)
+    fill_suffix_sums(d, incl, layout, 0, d.numel())
+    raw = log_weights_for_range(d, incl, layout, config, 0, d.numel())
+    return clip_log_weights(raw, config), raw
+
+
+def _resolve_structure(
+    log_ratio: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, Optional[int]]:
+    if not torch.is_tensor(log_ratio) or not log_ratio.is_floating_point():
+        raise TypeError("log_ratio must be a floating-point tensor")
+    if log_ratio.dim() not in (1, 2):
+        raise ValueError(f"log_ratio must be (N,) or (B, T), got shape {tuple(log_ratio.shape)}")
+    if mask is None:
+        mask = torch.ones_like(log_ratio, dtype=torch.bool)
+    if mask.shape != log_ratio.shape:
+        raise ValueError(
+            f"mask must have the shape of log_ratio {tuple(log_ratio.shape)}, got {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    row_length = None
+    if log_ratio.dim() == 2:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens applies to flat (N,) inputs, not (B, T)")
+        row_length = log_ratio.shape[1]
+    elif cu_seqlens is not None:
+        from .checks import check_cu_seqlens
+
+        check_cu_seqlens(cu_seqlens, log_ratio.shape[0], log_ratio.device)
+    return mask, row_length
+
+
+def pear_log_weights(
+    log_ratio: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    config: Optional[PEARConfig] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    **overrides,
+) -> torch.Tensor:
+    """Clipped PEAR log-weights log G^ for per-token log-ratios.
+
+    Args:
+        log_ratio: (N,) or (B, T) per-token log pi_theta - log pi_beta.
+        mask: bool, same shape, True on supervised tokens (default: all).
+        config: PEARConfig; keyword overrides (variant=, gamma=, ...) replace its fields.
+        cu_seqlens: for (N,) packed rows, segment boundaries (starts with 0, ends with N).
+
+    Returns a float64 tensor of log_ratio's shape; masked positions hold 0.
+    """
+    config = (config or PEARConfig()).with_overrides(**overrides)
+    mask, row_length = _resolve_structure(log_ratio, mask, cu_seqlens)
+    layout = build_layout(
+        mask, block_size=config.block_size, row_length=row_length, cu_seqlens=cu_seqlens
+    )
+    flat = log_ratio.reshape(-1)[layout.sup_index]
+    clipped, _ = compute_log_weights(flat, layout, config)
+    out = torch.zeros(log_ratio.numel(), dtype=torch.float64, device=log_ratio.device)
+    out[layout.sup_index] = clipped
+    return out.reshape(log_ratio.shape)
+
+
+def pear_weights(
+    log_ratio: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    config: Optional[PEARConfig] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    **overrides,
+) -> torch.Tensor:
+    """PEAR weights w = exp(clipped log G) for per-token log-ratios (see pear_log_weights).
+
+    Returns a tensor of log_ratio's shape and dtype; masked positions hold 0.
+    """
+    mask_ = mask if mask is not None else torch.ones_like(log_ratio, dtype=torch.bool)
+    log_w = pear_log_weights(log_ratio, mask, config=config, cu_seqlens=cu_seqlens, **overrides)
+    return torch.where(mask_, log_w.exp(), torch.zeros_like(log_w)).to(log_ratio.dtype)
