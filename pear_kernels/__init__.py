@@ -5,6 +5,7 @@ reference_pear_loss (the materialised-logits oracle) and PEARStats.
 """
 
 from .config import PEARConfig, Variant
+from .logprobs import fused_token_logprobs
 from .loss import PEARLoss, fused_pear_loss
 from .reference import reference_pear_loss
 from .stats import PEARStats
@@ -18,6 +19,7 @@ __all__ = [
     "PEARStats",
     "Variant",
     "fused_pear_loss",
+    "fused_token_logprobs",
     "pear_log_weights",
     "pear_weights",
     "reference_pear_loss",

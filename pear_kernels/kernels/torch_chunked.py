@@ -123,16 +123,34 @@ class _GradSink:
         return Grads(self.dh, self.dw, self.db)
 
 
-def token_logprobs(problem: PEARProblem) -> torch.Tensor:
-    """(M,) log pi_theta of every supervised label, one chunk of logits at a time."""
+def token_logprobs(problem: PEARProblem, with_entropy: bool = False):
+    """(M,) log pi_theta of every supervised label, one chunk of logits at a time.
+
+    With ``with_entropy`` also returns the (M,) entropy of each token's distribution,
+    H = logsumexp(z) - sum_v p_v z_v (of the temperature-scaled logits z).
+    """
     layout = problem.layout
     m = layout.num_supervised
-    out = torch.empty(m, dtype=_work_dtype(problem.hidden.dtype), device=problem.hidden.device)
+    work = _work_dtype(problem.hidden.dtype)
+    out = torch.empty(m, dtype=work, device=problem.hidden.device)
+    ent = torch.empty(m, dtype=work, device=problem.hidden.device) if with_entropy else None
     for start, end in _chunks_from_end(m, problem.rows()):
         h_c = problem.hidden[_token_rows(problem, start, end)]
         y = problem.labels[layout.sup_index[start:end]]
-        out[start:end], _ = _softmax_stats_(_logits(problem, h_c), y)
-    return out
+        z = _logits(problem, h_c)
+        if ent is None:
+            out[start:end], _ = _softmax_stats_(z, y)
+            continue
+        # shifted logits z - m are kept for the entropy: H = log s - sum_v p_v (z_v - m)
+        m_row = z.amax(dim=1, keepdim=True)
+        out[start:end] = z.gather(1, y[:, None]).squeeze(1) - m_row.squeeze(1)
+        z.sub_(m_row)
+        p = torch.exp(z)
+        s = p.sum(dim=1)
+        log_s = torch.log(s)
+        out[start:end] -= log_s
+        ent[start:end] = log_s - (p * z).sum(dim=1) / s
+    return (out, ent) if with_entropy else out
 
 
 def forward(
