@@ -15,7 +15,6 @@ __all__ = ["CheckedInputs", "check_inputs", "check_cu_seqlens"]
 # probability that rounded to 1); anything larger is a bug in the data, not rounding.
 BEHAVIOR_LOGPROB_TOLERANCE = 1e-4
 
-_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -55,7 +54,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int, device: torch.devi
         )
 
 
-def _check_float(name: str, t, allow_half: bool = True) -> None:
+def _check_float(name: str, t) -> None:
     if not torch.is_tensor(t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():

@@ -35,7 +35,7 @@ class FusedLinearPEARFunction(torch.autograd.Function):
             token_loss = -(result.log_w.exp() * result.logp.to(torch.float64))
             loss = torch.zeros(layout.n_tokens, dtype=out_dtype, device=hidden.device)
             loss[layout.sup_index] = token_loss.to(out_dtype)
-            ctx.save_for_backward(hidden, weight, bias)
+            # the problem holds hidden, weight and bias for the recompute pass
             ctx.problem, ctx.need = problem, need
             ctx.log_w = result.log_w
         else:
@@ -55,7 +55,6 @@ class FusedLinearPEARFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.reduction == "none":
-            hidden, weight, bias = ctx.saved_tensors
             problem = ctx.problem
             g = grad_out.reshape(-1)[problem.layout.sup_index].to(torch.float64)
             grads = ctx.backend.backward(problem, g * ctx.log_w.exp(), ctx.need)
@@ -63,7 +62,6 @@ class FusedLinearPEARFunction(torch.autograd.Function):
         else:
             grads = ctx.grads
             ctx.grads = None
-            hidden, weight = None, None
         dh = dw = db = None
         if grads is not None:
             unit = ctx.reduction == "none" or bool(grad_out == 1)

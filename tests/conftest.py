@@ -1,0 +1,62 @@
+"""Shared builders for the core tests: random PEAR problems with prompts, gaps and padding."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# The interpreter must be chosen before triton is imported anywhere in the session.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def make_problem(
+    shape=(3, 13),
+    hidden_size=24,
+    vocab=1001,
+    dtype=torch.float32,
+    *,
+    seed=0,
+    prompt=3,
+    gaps=True,
+    pad_last=2,
+    logit_scale=2.0,
+    behavior_spread=0.5,
+    bias=False,
+):
+    """hidden (*shape, H), weight (V, H), labels, behavior log-probs (near the model's own).
+
+    Labels are ignore_index on each row's first ``prompt`` tokens, on a gap in the middle and
+    on ``pad_last`` trailing pad tokens of the last row, so sequences have masked spans inside.
+    behavior_logprobs = a random perturbation of a plausible log-prob, so log-ratios straddle
+    the default delta clip rather than all sitting at one end.
+    """
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, hidden_size, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64) * (logit_scale / hidden_size**0.5)
+    labels = torch.randint(0, vocab, shape, generator=g)
+    flat = labels.view(-1, shape[-1]) if len(shape) == 2 else labels.view(1, -1)
+    flat[:, :prompt] = -100
+    if gaps and flat.shape[1] > prompt + 4:
+        mid = (prompt + flat.shape[1]) // 2
+        flat[:, mid : mid + 2] = -100
+    if pad_last:
+        flat[-1, -pad_last:] = -100
+    with torch.no_grad():
+        logits = hidden @ weight.t()
+        logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    behavior = (logp + behavior_spread * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(max=0.0)
+    b = (torch.randn(vocab, generator=g, dtype=torch.float64) * 0.1) if bias else None
+    out = [hidden.to(dtype), weight.to(dtype), labels, behavior.to(torch.float32)]
+    out.append(b.to(dtype) if b is not None else None)
+    return out
+
+
+def leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_(True)
+
+
+@pytest.fixture
+def problem_factory():
+    return make_problem
