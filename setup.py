@@ -28,7 +28,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pear_kernels", "pear_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4,<3"],
+    install_requires=["torch>=2.4,<3", "numpy"],
     extras_require=extras,
     license="Apache-2.0",
     classifiers=[

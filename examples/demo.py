@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from pear_kernels import PEARConfig, Variant, fused_pear_loss, reference_pear_loss
+from pear_kernels import PEARConfig, Variant, fused_pear_loss, fused_token_logprobs, reference_pear_loss
 from pear_kernels.profiling import Case, measure_in_child
 
 
@@ -28,7 +28,12 @@ def main() -> None:
 
     from pear_kernels.profiling import make_inputs
 
-    hidden, weight, labels, behavior, cu = make_inputs(case)
+    hidden, weight, labels, _, cu = make_inputs(case)
+    # A behavior policy close to the model: its log-probs are the model's own plus noise, so
+    # log-ratios spread around 0 (a teacher far from the student clips every ratio).
+    with torch.no_grad():
+        own = fused_token_logprobs(hidden, weight, labels)
+    behavior = (own + 0.02 + 0.1 * torch.randn(own.shape)).clamp(max=0.0)
     print(f"{'variant':<10}{'loss':>10}{'oracle':>10}{'mean w':>9}{'ESS frac':>10}{'ratio clip':>12}{'w clip':>9}")
     for variant in Variant:
         cfg = PEARConfig(variant=variant)
