@@ -296,6 +296,11 @@ TASKS = {
 # -- launcher ------------------------------------------------------------------------------------
 
 
+# fork: the children inherit the imported torch (a spawn start re-imports it in every rank:
+# seconds of CPU each on a shared machine). Each rank sets one intra-op thread right away.
+START_METHOD = os.environ.get("PEAR_TEST_START_METHOD", "fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -325,8 +330,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, tasks: List[str]) ->
 
 def launch(world: int, tasks: List[str], out_dir: str, timeout: float = 300.0) -> Dict[str, List[dict]]:
     """Run ``tasks`` on ``world`` gloo processes; returns {task: [result of rank 0, 1, ...]}."""
+    if START_METHOD == "fork" and {"ddp", "fsdp"} & set(tasks):
+        try:  # import once here, so that every forked rank inherits it
+            import transformers.models.qwen2.modeling_qwen2  # noqa: F401
+        except ImportError:  # the training tasks then report it and their tests skip
+            pass
     ctx = mp.start_processes(
-        _worker, args=(world, _free_port(), out_dir, tasks), nprocs=world, join=False, start_method="spawn"
+        _worker, args=(world, _free_port(), out_dir, tasks), nprocs=world, join=False, start_method=START_METHOD
     )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
