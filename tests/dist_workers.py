@@ -40,6 +40,9 @@ VP_CASES: Dict[str, dict] = {
     "token_packed_none_reduction": dict(variant="token", reduction="none", packed=True, chunk_size=3, bias=True),
     "block_none_reduction": dict(variant="block", block_size=2, reduction="none", chunk_size=6),
     "logprobs_entropy": dict(kind="logprobs", bias=True, chunk_size=4, temperature=1.3),
+    # 16/32-bit inputs: fp32 softmax math and, for bf16, a bf16 hidden gradient all-reduced
+    "token_float32": dict(variant="token", reduction="mean", bias=True, chunk_size=6, dtype=torch.float32),
+    "token_bfloat16": dict(variant="token", reduction="mean", chunk_size=6, dtype=torch.bfloat16),
 }
 
 
@@ -65,6 +68,9 @@ def make_case(name: str):
         hidden, labels, behavior = hidden.reshape(B * T, HIDDEN), labels.reshape(-1), behavior.reshape(-1)
         cu = torch.tensor([0, 5, 5, 17, 30, B * T])  # uneven segments, one empty
     grad_out = torch.randn(labels.shape, generator=g, dtype=torch.float64)
+    dtype = opts.get("dtype", torch.float64)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
     return dict(hidden=hidden, weight=weight, bias=bias, labels=labels, behavior=behavior,
                 cu_seqlens=cu, grad_out=grad_out)
 
@@ -231,7 +237,8 @@ def train_single_process(steps: int = STEPS) -> List[float]:
     return curve
 
 
-def _train_distributed(rank: int, world: int, wrap) -> dict:
+def _train_distributed(rank: int, world: int, wrap, local_mean: bool = False) -> dict:
+    """``local_mean``: the naive normalizer (each rank's own token mean), to show it is wrong."""
     from pear_kernels.distributed import global_num_items
 
     model = wrap(build_model())
@@ -242,10 +249,15 @@ def _train_distributed(rank: int, world: int, wrap) -> dict:
     for step in range(STEPS):
         ids, labels, behavior = make_batch(step)
         ids, labels, behavior = ids[rows], labels[rows], behavior[rows]
-        n = global_num_items(labels[:, 1:])
-        loss = model(ids, labels, behavior, num_items_in_batch=n)
-        # DDP/FSDP average gradients over ranks; this rank's share of the global mean is `loss`
-        (loss * world).backward()
+        if local_mean:
+            loss = model(ids, labels, behavior)
+            loss.backward()
+            loss = loss / world  # logged: the average of the ranks' means
+        else:
+            n = global_num_items(labels[:, 1:])
+            loss = model(ids, labels, behavior, num_items_in_batch=n)
+            # DDP/FSDP average gradients over ranks; this rank's share of the global mean is `loss`
+            (loss * world).backward()
         opt.step()
         opt.zero_grad()
         total = loss.detach().clone()
@@ -259,6 +271,12 @@ def task_ddp(rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     return _train_distributed(rank, world, lambda m: DistributedDataParallel(m))
+
+
+def task_ddp_local_mean(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return _train_distributed(rank, world, lambda m: DistributedDataParallel(m), local_mean=True)
 
 
 def task_fsdp(rank: int, world: int) -> dict:
@@ -289,6 +307,7 @@ TASKS = {
     "vocab_parallel_subgroups": task_vocab_parallel_subgroups,
     "num_items": task_num_items,
     "ddp": task_ddp,
+    "ddp_local_mean": task_ddp_local_mean,
     "fsdp": task_fsdp,
 }
 
@@ -330,7 +349,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, tasks: List[str]) ->
 
 def launch(world: int, tasks: List[str], out_dir: str, timeout: float = 300.0) -> Dict[str, List[dict]]:
     """Run ``tasks`` on ``world`` gloo processes; returns {task: [result of rank 0, 1, ...]}."""
-    if START_METHOD == "fork" and {"ddp", "fsdp"} & set(tasks):
+    if START_METHOD == "fork" and {"ddp", "ddp_local_mean", "fsdp"} & set(tasks):
         try:  # import once here, so that every forked rank inherits it
             import transformers.models.qwen2.modeling_qwen2  # noqa: F401
         except ImportError:  # the training tasks then report it and their tests skip
