@@ -302,6 +302,21 @@ def task_fsdp(rank: int, world: int) -> dict:
     return out
 
 
+def task_fsdp1(rank: int, world: int) -> dict:
+    """FSDP1 (accelerate's default ``fsdp_version``): one unit per decoder layer, use_orig_params."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    def wrap(model):
+        return FullyShardedDataParallel(
+            model, auto_wrap_policy=ModuleWrapPolicy({Qwen2DecoderLayer}),
+            device_id=torch.device("cpu"), use_orig_params=True,
+        )
+
+    return _train_distributed(rank, world, wrap)
+
+
 TASKS = {
     "vocab_parallel": task_vocab_parallel,
     "vocab_parallel_subgroups": task_vocab_parallel_subgroups,
@@ -309,6 +324,7 @@ TASKS = {
     "ddp": task_ddp,
     "ddp_local_mean": task_ddp_local_mean,
     "fsdp": task_fsdp,
+    "fsdp1": task_fsdp1,
 }
 
 
@@ -349,7 +365,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, tasks: List[str]) ->
 
 def launch(world: int, tasks: List[str], out_dir: str, timeout: float = 300.0) -> Dict[str, List[dict]]:
     """Run ``tasks`` on ``world`` gloo processes; returns {task: [result of rank 0, 1, ...]}."""
-    if START_METHOD == "fork" and {"ddp", "ddp_local_mean", "fsdp"} & set(tasks):
+    if START_METHOD == "fork" and {"ddp", "ddp_local_mean", "fsdp", "fsdp1"} & set(tasks):
         try:  # import once here, so that every forked rank inherits it
             import transformers.models.qwen2.modeling_qwen2  # noqa: F401
         except ImportError:  # the training tasks then report it and their tests skip

@@ -37,9 +37,8 @@ def _unwrap(results):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return W.launch(
-        2, ["vocab_parallel", "num_items", "ddp", "fsdp", "ddp_local_mean"], str(tmp_path_factory.mktemp("dist2"))
-    )
+    tasks = ["vocab_parallel", "num_items", "ddp", "fsdp", "fsdp1", "ddp_local_mean"]
+    return W.launch(2, tasks, str(tmp_path_factory.mktemp("dist2")))
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +167,7 @@ def single_process_curve():
     return W.train_single_process()
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp1"])
 def test_data_parallel_loss_curve_matches_one_process(two_ranks, single_process_curve, mode):
     per_rank = _unwrap(two_ranks[mode])
     ref = torch.tensor(single_process_curve, dtype=torch.float64)
