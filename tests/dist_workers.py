@@ -1,9 +1,10 @@
 """Process-group workers for tests/test_distributed.py (gloo on 127.0.0.1, CPU only).
 
-Spawned children (``torch.multiprocessing``, start method "spawn") import this module, not the
-test module, so they load neither pytest nor the test fixtures. Each worker writes what it
-computed to ``out_dir/<task>_rank<r>.pt`` and the test process compares it with the
-single-process oracle: the assertions all live in the tests.
+The ranks are started with ``torch.multiprocessing`` (fork where available, so they inherit the
+imported torch/transformers; ``PEAR_TEST_START_METHOD=spawn`` re-imports this module instead),
+each with one intra-op thread. Each worker writes what it computed to
+``out_dir/<task>_rank<r>.pt`` and the test process compares it with the single-process oracle:
+the assertions all live in the tests.
 
 Inputs are rebuilt from seeds in every process (CPU generators are deterministic), so nothing
 but results crosses a process boundary.

@@ -1,8 +1,8 @@
 """torch.distributed on CPU (gloo, 127.0.0.1): vocabulary-parallel PEAR and DDP/FSDP training.
 
 Two process launches serve every test here (processes are expensive on a shared machine):
-2 ranks (vocabulary parallel over both, global_num_items, DDP and FSDP2 training of a tiny
-Qwen2) and 4 ranks (vocabulary parallel with uneven shards, then two concurrent
+2 ranks (vocabulary parallel over both, global_num_items, DDP, FSDP2 and FSDP1 training of a
+tiny Qwen2, and DDP with the wrong per-rank normalizer as a counter-check) and 4 ranks (vocabulary parallel with uneven shards, then two concurrent
 tensor-parallel groups of 2). The workers (tests/dist_workers.py) only compute and save; the
 comparisons with the float64 single-process oracle happen here.
 """
