@@ -17,7 +17,7 @@ import os
 import socket
 import time
 import traceback
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -371,6 +371,22 @@ def launch(world: int, tasks: List[str], out_dir: str, timeout: float = 300.0) -
             import transformers.models.qwen2.modeling_qwen2  # noqa: F401
         except ImportError:  # the training tasks then report it and their tests skip
             pass
+    for attempt in range(3):
+        try:
+            _run(world, tasks, out_dir, timeout)
+            break
+        except mp.ProcessRaisedException as err:
+            # the free port was taken by someone else between probing and binding: try another
+            if "address already in use" not in str(err).lower() or attempt == 2:
+                raise
+    out: Dict[str, List[dict]] = {}
+    for task in tasks:
+        out[task] = [torch.load(os.path.join(out_dir, f"{task}_rank{r}.pt"), weights_only=False)
+                     for r in range(world)]
+    return out
+
+
+def _run(world: int, tasks: List[str], out_dir: str, timeout: float) -> None:
     ctx = mp.start_processes(
         _worker, args=(world, _free_port(), out_dir, tasks), nprocs=world, join=False, start_method=START_METHOD
     )
@@ -381,13 +397,3 @@ def launch(world: int, tasks: List[str], out_dir: str, timeout: float = 300.0) -
                 if p.is_alive():
                     p.terminate()
             raise TimeoutError(f"distributed workers did not finish {tasks} within {timeout} s")
-    out: Dict[str, List[dict]] = {}
-    for task in tasks:
-        out[task] = [torch.load(os.path.join(out_dir, f"{task}_rank{r}.pt"), weights_only=False)
-                     for r in range(world)]
-    return out
-
-
-def gather_shards(results: List[dict], key: str) -> Optional[torch.Tensor]:
-    parts = [r[key] for r in results]
-    return None if parts[0] is None else torch.cat(parts, 0)
