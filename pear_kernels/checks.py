@@ -73,8 +73,13 @@ def check_inputs(
     reduction: str,
     num_items_in_batch,
     ignore_index: int,
+    vocab_size: Optional[int] = None,
 ) -> CheckedInputs:
-    """Validate and flatten the inputs of fused_pear_loss / reference_pear_loss."""
+    """Validate and flatten the inputs of fused_pear_loss / reference_pear_loss.
+
+    ``vocab_size``: the global vocabulary that labels index when lm_head_weight is one shard of
+    it (vocabulary parallelism); by default lm_head_weight's row count.
+    """
     _check_float("hidden", hidden)
     _check_float("lm_head_weight", weight)
     _check_float("behavior_logprobs", behavior_logprobs)
@@ -147,11 +152,12 @@ def check_inputs(
     mask = flat_labels != ignore_index
     sup_labels = flat_labels[mask]
     if sup_labels.numel():
-        bad = (sup_labels < 0) | (sup_labels >= V)
+        n_vocab = V if vocab_size is None else vocab_size
+        bad = (sup_labels < 0) | (sup_labels >= n_vocab)
         if bool(bad.any()):
             pos = int(mask.nonzero()[bad.nonzero()[0]].reshape(-1)[0])
             raise ValueError(
-                f"labels must be in [0, {V}) or ignore_index={ignore_index}; "
+                f"labels must be in [0, {n_vocab}) or ignore_index={ignore_index}; "
                 f"labels.view(-1)[{pos}] = {int(flat_labels[pos])}"
             )
     flat_lb = behavior_logprobs.reshape(-1)

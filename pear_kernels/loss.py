@@ -8,6 +8,7 @@ import torch
 
 from .checks import check_inputs
 from .config import PEARConfig, Variant
+from .distributed import setup_vocab_parallel
 from .kernels.problem import PEARProblem
 from .ops.fused_linear_pear import fused_linear_pear
 from .stats import PEARStats, summarize
@@ -37,6 +38,7 @@ def fused_pear_loss(
     return_stats: bool = False,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
+    vocab_parallel_group=None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, PEARStats]]:
     """PEAR-weighted SFT loss straight from final hidden states; never builds (N x V) logits.
 
@@ -57,6 +59,15 @@ def fused_pear_loss(
         return_stats: also return a PEARStats (log-probs, weights, ESS, clip fractions).
         chunk_size: supervised tokens per logits chunk (default: from a 256 MiB budget).
         backend: "auto" (default), or a backend name; ``PEAR_KERNELS_BACKEND`` sets the default.
+        vocab_parallel_group: a torch.distributed process group over which the vocabulary is
+            split. ``lm_head_weight`` (and ``bias``) are then this rank's contiguous shard of
+            the vocabulary rows, in rank order (uneven shards allowed, none empty; see
+            ``pear_kernels.distributed.vocab_shard_range``); hidden, labels (global ids),
+            behavior_logprobs and every other argument must be the same on all ranks. The loss
+            (and stats) equal the single-process result on every rank; the weight/bias
+            gradients are the local shard's. The hidden-state gradient is already summed over
+            the group (as Megatron's ColumnParallelLinear does in its input region), so it is the
+            full gradient on every rank: do not all-reduce it again. Chunked PyTorch path only.
 
     Returns the loss (float32 for 16-bit inputs), and PEARStats when ``return_stats``.
     """
@@ -66,10 +77,16 @@ def fused_pear_loss(
     )
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    vocab_parallel = None
+    if vocab_parallel_group is not None:
+        vocab_parallel, backend = setup_vocab_parallel(
+            vocab_parallel_group, lm_head_weight, labels, chunk_size, backend
+        )
     chk = check_inputs(
         hidden, lm_head_weight, labels, behavior_logprobs,
         bias=bias, cu_seqlens=cu_seqlens, temperature=temperature, reduction=reduction,
         num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+        vocab_size=vocab_parallel.vocab_size if vocab_parallel is not None else None,
     )
     layout = build_layout(
         chk.mask, block_size=config.block_size, row_length=chk.row_length, cu_seqlens=cu_seqlens
@@ -77,7 +94,7 @@ def fused_pear_loss(
     problem = PEARProblem(
         hidden=chk.hidden, weight=lm_head_weight, bias=bias, labels=chk.labels,
         behavior_logprobs=chk.behavior_logprobs, layout=layout, config=config,
-        temperature=float(temperature), chunk_size=chunk_size,
+        temperature=float(temperature), chunk_size=chunk_size, vocab_parallel=vocab_parallel,
     )
     loss, result = fused_linear_pear(problem, reduction, num_items_in_batch, backend)
     if reduction == "none":

@@ -21,6 +21,7 @@ import torch
 
 from ..config import PEARConfig
 from ..weights import SequenceLayout
+from .vocab_parallel import VocabParallel
 
 __all__ = ["PEARProblem", "Grads", "ForwardResult", "default_chunk_size", "CHUNK_BUDGET_BYTES"]
 
@@ -43,6 +44,8 @@ class PEARProblem:
     config: PEARConfig
     temperature: float = 1.0
     chunk_size: Optional[int] = None
+    # weight/bias are this rank's vocabulary shard; None: one process holds the whole vocabulary
+    vocab_parallel: Optional[VocabParallel] = None
 
     @property
     def vocab_size(self) -> int:
@@ -52,7 +55,9 @@ class PEARProblem:
         """Chunk length in compact (supervised) tokens."""
         if self.chunk_size is not None:
             return max(1, int(self.chunk_size))
-        return default_chunk_size(self.vocab_size, self.hidden.element_size())
+        # vocabulary-parallel ranks must agree on the chunking: size it for the largest shard
+        vocab = self.vocab_size if self.vocab_parallel is None else self.vocab_parallel.max_shard_size
+        return default_chunk_size(vocab, self.hidden.element_size())
 
 
 def default_chunk_size(vocab_size: int, element_size: int = 4) -> int:

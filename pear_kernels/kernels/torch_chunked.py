@@ -20,6 +20,10 @@ everything.
 Row work per chunk, in place on one buffer L (float32, float64 for float64 inputs):
     tgt = L[y];  m = max L;  L = exp(L - m);  s = sum L;  logp = tgt - m - log s
     L *= coef / s;  L[y] -= coef                   -> L is now dlogits
+
+The row work goes through a small strategy object (``_row_math``): ``_LocalRows`` below for one
+process, or ``vocab_parallel.VocabParallel`` when the vocabulary is split across ranks (it
+combines m, s and tgt across the group and sums the partial dh). The chunk loops are shared.
 """
 
 from __future__ import annotations
@@ -109,6 +113,36 @@ def _dlogits_(expz: torch.Tensor, s: torch.Tensor, y: torch.Tensor, coef: torch.
     return expz
 
 
+def _logp_entropy_(z: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(logp of y, entropy) per row; z is overwritten.
+
+    The shifted logits z - m are kept for the entropy: H = log s - sum_v p_v (z_v - m).
+    """
+    m_row = z.amax(dim=1, keepdim=True)
+    tgt = z.gather(1, y[:, None]).squeeze(1) - m_row.squeeze(1)
+    z.sub_(m_row)
+    p = torch.exp(z)
+    s = p.sum(dim=1)
+    log_s = torch.log(s)
+    return tgt - log_s, log_s - (p * z).sum(dim=1) / s
+
+
+class _LocalRows:
+    """Row math of one process holding the whole vocabulary (the default strategy)."""
+
+    softmax_stats_ = staticmethod(_softmax_stats_)
+    dlogits_ = staticmethod(_dlogits_)
+    logp_entropy_ = staticmethod(_logp_entropy_)
+
+    @staticmethod
+    def reduce_grad_hidden(dh: torch.Tensor) -> torch.Tensor:
+        return dh
+
+
+def _row_math(problem: PEARProblem):
+    return problem.vocab_parallel if problem.vocab_parallel is not None else _LocalRows
+
+
 class _GradSink:
     """Accumulates dh (scattered into token rows), dW and db from per-chunk dlogits."""
 
@@ -140,7 +174,8 @@ class _GradSink:
             self.db += dlogits.sum(dim=0)
 
     def result(self) -> Grads:
-        return Grads(self.dh, self.dw, self.db)
+        dh = _row_math(self.problem).reduce_grad_hidden(self.dh) if self.dh is not None else None
+        return Grads(dh, self.dw, self.db)
 
 
 def token_logprobs(problem: PEARProblem, with_entropy: bool = False):
@@ -155,22 +190,15 @@ def token_logprobs(problem: PEARProblem, with_entropy: bool = False):
     out = torch.empty(m, dtype=work, device=problem.hidden.device)
     ent = torch.empty(m, dtype=work, device=problem.hidden.device) if with_entropy else None
     buffer = _LogitsBuffer(problem)
+    rows_math = _row_math(problem)
     for start, end in _chunks_from_end(m, problem.rows()):
         h_c = problem.hidden[_token_rows(problem, start, end)]
         y = problem.labels[layout.sup_index[start:end]]
         z = buffer.logits(h_c)
         if ent is None:
-            out[start:end], _ = _softmax_stats_(z, y)
-            continue
-        # shifted logits z - m are kept for the entropy: H = log s - sum_v p_v (z_v - m)
-        m_row = z.amax(dim=1, keepdim=True)
-        out[start:end] = z.gather(1, y[:, None]).squeeze(1) - m_row.squeeze(1)
-        z.sub_(m_row)
-        p = torch.exp(z)
-        s = p.sum(dim=1)
-        log_s = torch.log(s)
-        out[start:end] -= log_s
-        ent[start:end] = log_s - (p * z).sum(dim=1) / s
+            out[start:end], _ = rows_math.softmax_stats_(z, y)
+        else:
+            out[start:end], ent[start:end] = rows_math.logp_entropy_(z, y)
     return (out, ent) if with_entropy else out
 
 
@@ -205,12 +233,13 @@ def forward(
 
     weights_known = prepass
     buffer = _LogitsBuffer(problem)
+    rows_math = _row_math(problem)
     for start, end in _chunks_from_end(m, rows):
         token_rows = _token_rows(problem, start, end)
         h_c = problem.hidden[token_rows]
         y = problem.labels[layout.sup_index[start:end]]
         expz = buffer.logits(h_c)
-        logp, sumexp = _softmax_stats_(expz, y)
+        logp, sumexp = rows_math.softmax_stats_(expz, y)
         if not weights_known:
             logp_all[start:end] = logp
             d[start:end] = clip_log_ratio(logp.to(torch.float64) - behavior[start:end], config)
@@ -220,7 +249,7 @@ def forward(
         if sink is not None:
             w = clip_log_weights(log_w_raw[start:end], config).exp()
             coef = (w * (grad_scale / problem.temperature)).to(expz.dtype)
-            sink.add(_dlogits_(expz, sumexp, y, coef), h_c, token_rows)
+            sink.add(rows_math.dlogits_(expz, sumexp, y, coef), h_c, token_rows)
     return _finish(problem, logp_all, behavior, log_w_raw, sink.result() if sink else None)
 
 
@@ -242,12 +271,13 @@ def backward(problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, b
     layout = problem.layout
     sink = _GradSink(problem, need)
     buffer = _LogitsBuffer(problem)
+    rows_math = _row_math(problem)
     for start, end in _chunks_from_end(layout.num_supervised, problem.rows()):
         token_rows = _token_rows(problem, start, end)
         h_c = problem.hidden[token_rows]
         y = problem.labels[layout.sup_index[start:end]]
         expz = buffer.logits(h_c)
-        _, sumexp = _softmax_stats_(expz, y)
+        _, sumexp = rows_math.softmax_stats_(expz, y)
         c = (coef[start:end] / problem.temperature).to(expz.dtype)
-        sink.add(_dlogits_(expz, sumexp, y, c), h_c, token_rows)
+        sink.add(rows_math.dlogits_(expz, sumexp, y, c), h_c, token_rows)
     return sink.result()
