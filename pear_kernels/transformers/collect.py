@@ -421,7 +421,8 @@ def ingest_generation_logprobs(source, output_path: Optional[str] = None, *, tok
     ids against the tokenization. Written atomically as JSONL when ``output_path`` is given.
     """
     out_records = []
-    for where, rec in iter_source(source) if not isinstance(source, list) else _records(source):
+    in_memory = isinstance(source, list) and not all(isinstance(x, (str, os.PathLike)) for x in source)
+    for where, rec in _records(source) if in_memory else iter_source(source):
         for w, parent, gen in _expand_outputs(rec, where):
             token_ids, logprobs = gen.get("token_ids"), gen.get("logprobs")
             if not isinstance(token_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
