@@ -48,8 +48,14 @@ def write_parquet(path, records) -> str:
 
 
 def save_model_dir(path, seed: int = 0, arch: str = "qwen2") -> str:
-    m = model(arch, seed=seed)
-    m.save_pretrained(path)
+    """A model directory without a tokenizer: transformers 5 would load a tokenizer saved next to a
+    Qwen2/Llama config as that architecture's own tokenizer class (a different pre-tokenizer), so
+    the tiny word-level tokenizer is saved apart (save_tokenizer_dir) and passed explicitly."""
+    model(arch, seed=seed).save_pretrained(path)
+    return os.fspath(path)
+
+
+def save_tokenizer_dir(path) -> str:
     tokenizer().save_pretrained(path)
     return os.fspath(path)
 
