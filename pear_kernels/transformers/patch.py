@@ -179,23 +179,26 @@ def _pear_loss_from_hidden(
     )
 
     def loss_in_head(hid, weight, bias):
-        if hid.dtype != weight.dtype:
-            if torch.is_autocast_enabled(hid.device.type):
-                dtype = torch.get_autocast_dtype(hid.device.type)
-                hid, weight = hid.to(dtype), weight.to(dtype)
-                bias = bias.to(dtype) if bias is not None else None
-            else:
-                hid = hid.to(weight.dtype)
+        device_type = weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Under autocast the stock head runs its matmul in the autocast dtype; do the same, but
+            # explicitly, and run the kernel with autocast off so its own dtype choices hold.
+            dtype = torch.get_autocast_dtype(device_type)
+            hid, weight = hid.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        elif hid.dtype != weight.dtype:
+            hid = hid.to(weight.dtype)
         hid = hid.to(weight.device)
         yy, ll = y.to(weight.device), lb.to(device=weight.device)
         ll = ll.to(torch.float32) if ll.dtype in (torch.float16, torch.bfloat16) else ll
-        if ids is not None:
-            cu = _cu_seqlens(ids.reshape(-1).to(weight.device))
-            return fused_pear_loss(
-                hid.reshape(-1, hid.shape[-1]), weight, yy.reshape(-1), ll.reshape(-1),
-                bias=bias, cu_seqlens=cu, **opts,
-            )
-        return fused_pear_loss(hid, weight, yy, ll, bias=bias, **opts)
+        with torch.autocast(device_type, enabled=False):
+            if ids is not None:
+                cu = _cu_seqlens(ids.reshape(-1).to(weight.device))
+                return fused_pear_loss(
+                    hid.reshape(-1, hid.shape[-1]), weight, yy.reshape(-1), ll.reshape(-1),
+                    bias=bias, cu_seqlens=cu, **opts,
+                )
+            return fused_pear_loss(hid, weight, yy, ll, bias=bias, **opts)
 
     return call_through_head(self.get_output_embeddings(), h, loss_in_head)
 
