@@ -278,3 +278,15 @@ def test_wrapped_heads_match_their_own_forward(wrapper):
     if wrapper == "modules_to_save":
         assert m.lm_head.original_module.weight.grad is None
     assert "forward" not in m.lm_head.__dict__  # the redirection was undone
+
+
+def test_autocast_matches_the_stock_head_under_autocast():
+    batch = _batch(2)
+    plain = hf_utils.model().train()
+    patched = apply_pear_kernel(copy.deepcopy(plain), PEARConfig(variant="none"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = plain(**_no_behavior(batch)).loss
+        out = patched(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and patched.lm_head.weight.grad is not None
+    torch.testing.assert_close(out.loss.float(), ref.float(), rtol=2e-2, atol=2e-2)

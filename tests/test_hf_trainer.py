@@ -32,15 +32,24 @@ def _losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def test_trainer_five_steps_lower_the_loss_and_log_pear_stats(tmp_path):
+_CFG = PEARConfig(delta_clip=(-1.0, 1.0))
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory):
+    """5 PEARTrainer steps; the TRL test compares against the same run."""
     model = hf_utils.model(seed=1)
-    trainer = PEARTrainer(model=model, args=_args(tmp_path), train_dataset=_dataset(8),
-                          processing_class=hf_utils.tokenizer(), pear_config=PEARConfig(delta_clip=(-1.0, 1.0)))
+    trainer = PEARTrainer(model=model, args=_args(tmp_path_factory.mktemp("trainer")), train_dataset=_dataset(8),
+                          processing_class=hf_utils.tokenizer(), pear_config=_CFG)
     assert pear_state(model) is not None
     trainer.train()
-    losses = _losses(trainer)
+    return trainer
+
+
+def test_trainer_five_steps_lower_the_loss_and_log_pear_stats(trainer_run):
+    losses = _losses(trainer_run)
     assert len(losses) == 5 and losses[-1] < losses[0]
-    logged = [h for h in trainer.state.log_history if "loss" in h][0]
+    logged = [h for h in trainer_run.state.log_history if "loss" in h][0]
     for key in ("pear/mean_weight", "pear/ess_fraction", "pear/ratio_clip_fraction", "pear/weight_clip_fraction"):
         assert key in logged
     assert 0 < logged["pear/mean_weight"] <= 1 and 0 < logged["pear/ess_fraction"] <= 1
@@ -72,24 +81,26 @@ def test_trainer_refuses_what_would_replace_the_loss(tmp_path):
 # --- TRL ----------------------------------------------------------------------------------
 
 
-def test_trl_sft_trainer_five_steps_lower_the_loss(tmp_path):
+def test_trl_sft_trainer_five_steps_lower_the_loss(tmp_path, trainer_run):
+    """PEARSFTTrainer, padding-free, follows PEARTrainer's padded run step for step: TRL's own loss
+    (fused NLL) is not used, behavior log-probs survive its collation, packing keeps sequences apart."""
     from pear_kernels.transformers import PEARSFTTrainer, pear_sft_config
 
     model = hf_utils.model(seed=1)
     args = pear_sft_config(
         str(tmp_path), per_device_train_batch_size=4, max_steps=5, learning_rate=1e-2, logging_steps=1,
-        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, lr_scheduler_type="constant",
+        save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True, seed=0, lr_scheduler_type="constant",
+        padding_free=True,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = PEARSFTTrainer(model=model, args=args, train_dataset=_dataset(8).to_hf_dataset(),
-                                 processing_class=hf_utils.tokenizer(), pear_config=PEARConfig(delta_clip=(-1, 1)))
-        # the PEAR forward is what TRL's fused-head wrapper hands the call to
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-        assert model(**batch).pear_metrics is not None
+                                 processing_class=hf_utils.tokenizer(), pear_config=_CFG)
+        assert trainer.data_collator.padding_free
         trainer.train()
     losses = _losses(trainer)
     assert len(losses) == 5 and losses[-1] < losses[0]
+    assert losses == pytest.approx(_losses(trainer_run), rel=1e-4)
     logged = [h for h in trainer.state.log_history if "loss" in h][-1]
     assert "pear/mean_weight" in logged and "pear/ess_fraction" in logged and logged["pear/supervised_tokens"] > 0
 

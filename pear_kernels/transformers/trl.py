@@ -16,10 +16,14 @@ Checked against TRL 1.16's SFTTrainer, which would otherwise lose PEAR in four w
    skipped (``dataset_kwargs={"skip_prepare_dataset": True}``).
 4. Its signature columns are input_ids, labels and seq_lengths, so ``remove_unused_columns``
    would drop behavior_logprobs; they are extended here.
+5. With ``padding_free=True`` it refuses any custom collator; PEARDataCollator(padding_free=True)
+   packs instead (TRL sees padding_free=False on a copy of the config), and the patched forward
+   keeps every PEAR weight inside its own sequence.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 try:
@@ -95,8 +99,16 @@ class PEARSFTTrainer(SFTTrainer):
                 )
         # patch first: TRL's add_fused_lm_head wraps whatever forward the model has at __init__
         prepare_pear_model(model, pear_config)
+        if args.padding_free:
+            # TRL refuses a custom collator with padding_free=True; PEARDataCollator packs by itself
+            # (position_ids restart per example), so TRL is told padding_free=False on a copy.
+            padding_free = True
+            args = copy.copy(args)
+            args.padding_free = False
+        else:
+            padding_free = False
         if data_collator is None:
-            data_collator = default_pear_collator(processing_class, model, padding_free=args.padding_free)
+            data_collator = default_pear_collator(processing_class, model, padding_free=padding_free)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         check_loss_not_replaced(self)
