@@ -8,13 +8,13 @@ import os
 import hf_utils
 import pytest
 
+from pear_kernels.transformers import collect as collect_mod
 from pear_kernels.transformers import (
     collect_behavior_logprobs,
     ingest_generation_logprobs,
     load_pear_dataset,
     read_collected,
 )
-from pear_kernels.transformers import collect as collect_mod
 from pear_kernels.transformers.data import DataFormatError, MisalignedExampleError
 
 

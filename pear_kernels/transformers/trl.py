@@ -35,7 +35,13 @@ except ImportError as exc:  # pragma: no cover
 import torch
 
 from ..config import PEARConfig
-from .trainer import PEARMetrics, _sum_across, check_loss_not_replaced, default_pear_collator, prepare_pear_model
+from .trainer import (
+    PEARMetrics,
+    _sum_across,
+    check_loss_not_replaced,
+    default_pear_collator,
+    prepare_pear_model,
+)
 
 __all__ = ["PEARSFTTrainer", "pear_sft_config"]
 
