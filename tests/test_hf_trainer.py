@@ -39,8 +39,12 @@ _CFG = PEARConfig(delta_clip=(-1.0, 1.0))
 def trainer_run(tmp_path_factory):
     """5 PEARTrainer steps; the TRL test compares against the same run."""
     model = hf_utils.model(seed=1)
-    trainer = PEARTrainer(model=model, args=_args(tmp_path_factory.mktemp("trainer")), train_dataset=_dataset(8),
-                          processing_class=hf_utils.tokenizer(), pear_config=_CFG)
+    # a datasets.Dataset under Trainer's remove_unused_columns=True: behavior_logprobs is a forward
+    # argument of the patched model, so the column survives
+    trainer = PEARTrainer(model=model, args=_args(tmp_path_factory.mktemp("trainer")),
+                          train_dataset=_dataset(8).to_hf_dataset(), processing_class=hf_utils.tokenizer(),
+                          pear_config=_CFG)
+    assert trainer.args.remove_unused_columns
     assert pear_state(model) is not None
     trainer.train()
     return trainer

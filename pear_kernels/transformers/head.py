@@ -112,7 +112,8 @@ def resolve_head(head: nn.Module) -> HeadPath:
         chain.append(base)
         for a in active:
             chain.extend([lora.lora_A[a], lora.lora_B[a]])
-            drop = getattr(lora, "lora_dropout", {}).get(a) if hasattr(lora, "lora_dropout") else None
+            drops = getattr(lora, "lora_dropout", None)
+            drop = drops[a] if isinstance(drops, nn.ModuleDict) and a in drops else None
             if isinstance(drop, nn.Dropout) and drop.p > 0 and lora.training:
                 warnings.warn(
                     "LoRA dropout on the LM head is not applied by the fused PEAR loss "
