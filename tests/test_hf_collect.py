@@ -150,6 +150,10 @@ def test_ingest_vllm_style_logprobs(tmp_path):
     out = tmp_path / "ingested.jsonl"
     records = ingest_generation_logprobs(path, str(out))
     assert len(records) == 2 and records[0]["behavior_logprobs"] == pytest.approx(lps)
+    from pear_kernels.cli import main
+
+    assert main(["ingest-vllm", "--input", path, "--output", str(tmp_path / "cli.jsonl")]) == 0
+    assert (tmp_path / "cli.jsonl").read_text() == out.read_text()
     ds = load_pear_dataset(str(out), tok)
     P = len(prompt_ids)
     assert ds[0]["input_ids"] == prompt_ids + ids and ds[0]["behavior_logprobs"][P:] == pytest.approx(lps)

@@ -290,3 +290,17 @@ def test_autocast_matches_the_stock_head_under_autocast():
     out.loss.backward()
     assert torch.isfinite(out.loss) and patched.lm_head.weight.grad is not None
     torch.testing.assert_close(out.loss.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_packed_sequence_ids_from_positions_seq_idx_and_cu_seqlens():
+    from pear_kernels.transformers.patch import _packed_sequence_ids
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    want = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
+    assert torch.equal(_packed_sequence_ids(pos, None, pos.shape), want)
+    assert torch.equal(_packed_sequence_ids(None, want.int(), pos.shape), want)
+    assert torch.equal(_packed_sequence_ids(None, None, pos.shape, torch.tensor([0, 3, 5, 9])), want)
+    rows = torch.arange(5).expand(2, 5)  # ordinary rows: not packed
+    assert _packed_sequence_ids(rows, None, rows.shape) is None
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        _packed_sequence_ids(None, None, pos.shape, torch.tensor([0, 3, 8]))

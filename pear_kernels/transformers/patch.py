@@ -93,8 +93,23 @@ def _check_logits_are_linear(config) -> None:
             )
 
 
-def _packed_sequence_ids(position_ids, seq_idx, shape) -> Optional[torch.Tensor]:
-    """(B, T) globally increasing sequence ids if any row holds more than one sequence, else None."""
+def _packed_sequence_ids(position_ids, seq_idx, shape, cu_seq_lens=None) -> Optional[torch.Tensor]:
+    """(B, T) globally increasing sequence ids if any row holds more than one sequence, else None.
+
+    Sources, in order: ``seq_idx``; ``position_ids`` (a position that does not follow its
+    predecessor by 1 starts a sequence); ``cu_seq_lens_q`` of a single packed row (flash-attention
+    kwargs of DataCollatorWithFlattening).
+    """
+    if seq_idx is None and position_ids is None and cu_seq_lens is not None:
+        cu = cu_seq_lens.to(torch.int64).reshape(-1)
+        if shape[0] != 1 or int(cu[-1]) != shape[1] or int(cu[0]) != 0:
+            raise ValueError(
+                f"cu_seq_lens_q {cu.tolist()[:8]}... must describe one packed row of {shape[1]} tokens"
+            )
+        if cu.numel() <= 2:
+            return None
+        positions = torch.arange(shape[1], device=cu.device)
+        return torch.searchsorted(cu[1:], positions, right=True).reshape(shape)
     if seq_idx is not None:
         ids = seq_idx.to(torch.int64)
         starts = torch.ones_like(ids, dtype=torch.bool)
@@ -129,6 +144,7 @@ def _pear_loss_from_hidden(
     behavior_logprobs: Optional[torch.Tensor],
     position_ids: Optional[torch.Tensor],
     seq_idx: Optional[torch.Tensor],
+    cu_seq_lens: Optional[torch.Tensor],
     num_items_in_batch,
     ignore_index: int,
     state: PEARPatchState,
@@ -149,7 +165,7 @@ def _pear_loss_from_hidden(
         )
     behavior_logprobs = behavior_logprobs.to(hidden_states.device)
 
-    packed = _packed_sequence_ids(position_ids, seq_idx, (B, T))
+    packed = _packed_sequence_ids(position_ids, seq_idx, (B, T), cu_seq_lens)
     if shift_labels is not None:
         # Already shifted (context/sequence parallel): behavior_logprobs are taken as shifted too.
         if tuple(shift_labels.shape) != (B, T):
@@ -206,10 +222,12 @@ def _pear_loss_from_hidden(
 def _make_forward(original):
     """A forward with ``original``'s signature plus ``behavior_logprobs`` (Trainer reads it)."""
 
+    sig = inspect.signature(original)
+
     @functools.wraps(original)
     def pear_forward(self, *args, behavior_logprobs=None, **kwargs):
         state: PEARPatchState = pear_state(self)
-        named, extra = _bind(original, self, args, kwargs)
+        named, extra = _bind(sig, self, args, kwargs)
         labels = named.pop("labels", None)
         shift_labels = extra.pop("shift_labels", None)
         logits_to_keep = named.pop("logits_to_keep", 0)
@@ -224,7 +242,7 @@ def _make_forward(original):
 
         num_items = extra.pop("num_items_in_batch", None)
         ignore_index = extra.pop("ignore_index", -100)
-        return_dict = extra.pop("return_dict", None)
+        return_dict = named.pop("return_dict", extra.pop("return_dict", None))
         if named.get("use_cache") is None:
             named["use_cache"] = False  # no cache in a training forward (as the stock forward under grad ckpt)
         backbone = getattr(self, self.base_model_prefix)
@@ -233,7 +251,7 @@ def _make_forward(original):
         loss, stats = _pear_loss_from_hidden(
             self, hidden_states, labels, shift_labels, behavior_logprobs,
             named.get("position_ids", extra.get("position_ids")), extra.get("seq_idx"),
-            num_items, ignore_index, state,
+            extra.get("cu_seq_lens_q"), num_items, ignore_index, state,
         )
         out = PEARCausalLMOutput(
             loss=loss,
@@ -245,7 +263,6 @@ def _make_forward(original):
         )
         return out.to_tuple() if return_dict is False else out
 
-    sig = inspect.signature(original)
     params = list(sig.parameters.values())
     new = inspect.Parameter("behavior_logprobs", inspect.Parameter.KEYWORD_ONLY, default=None)
     var_kw = [i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD]
@@ -259,9 +276,8 @@ def _make_forward(original):
     return pear_forward
 
 
-def _bind(original, self, args, kwargs) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Named arguments of a call to ``original`` and, separately, its ``**kwargs`` contents."""
-    sig = inspect.signature(original)
+def _bind(sig: inspect.Signature, self, args, kwargs) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Named arguments of a call with signature ``sig`` and, separately, its ``**kwargs`` contents."""
     try:
         bound = sig.bind(self, *args, **kwargs)
     except TypeError as exc:
