@@ -176,6 +176,8 @@ def test_class_shortcuts_patch_and_remove():
         apply_pear_kernel_to_llama(hf_utils.model("qwen2"))
     with pytest.raises(TypeError):
         apply_pear_kernel(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="config must be a PEARConfig"):
+        apply_pear_kernel(hf_utils.model(), {"variant": "token"})
 
 
 def test_refuses_logit_transforms():

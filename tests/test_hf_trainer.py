@@ -58,6 +58,9 @@ def test_trainer_five_steps_lower_the_loss_and_log_pear_stats(trainer_run):
         assert key in logged
     assert 0 < logged["pear/mean_weight"] <= 1 and 0 < logged["pear/ess_fraction"] <= 1
     assert logged["pear/supervised_tokens"] > 0
+    # evaluation runs the original forward (logits, cross-entropy), behavior_logprobs ignored
+    metrics = trainer_run.evaluate(_dataset(4, seed=5).to_hf_dataset())
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):

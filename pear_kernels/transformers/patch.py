@@ -338,6 +338,8 @@ def apply_pear_kernel(
     settings; ``remove_pear_kernel`` restores the original forward.
     """
     cls = _causal_lm_class(model)
+    if config is not None and not isinstance(config, PEARConfig):
+        raise TypeError(f"config must be a PEARConfig, got {type(config).__name__}")
     config = (config or PEARConfig()).with_overrides(**overrides)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
