@@ -26,7 +26,6 @@ from .patch import (
     apply_pear_kernel_to_qwen3,
     remove_pear_kernel,
 )
-from .trainer import PEARTrainer
 
 __all__ = [
     "MisalignedExampleError",
@@ -50,8 +49,13 @@ __all__ = [
 
 
 def __getattr__(name):
-    # TRL is imported only when its integration is asked for, so `import pear_kernels.transformers`
-    # works with transformers alone.
+    # The trainers are imported when first asked for: transformers.Trainer pulls in accelerate
+    # (seconds of import time), and TRL is optional, so `import pear_kernels.transformers` stays
+    # light and works with transformers alone.
+    if name == "PEARTrainer":
+        from .trainer import PEARTrainer
+
+        return PEARTrainer
     if name in ("PEARSFTTrainer", "pear_sft_config"):
         from . import trl as _trl
 
