@@ -20,18 +20,19 @@ def _batch(n=3):
     return PEARDataCollator(pad_token_id=tok.pad_token_id)(list(ds))
 
 
-@pytest.mark.parametrize("how", ["lora_on_head", "modules_to_save"])
+@pytest.mark.parametrize("how", ["lora_on_head", "lora_bias_on_head", "modules_to_save"])
 def test_peft_head_variant_none_equals_unpatched(how):
     base = hf_utils.model().double()
-    if how == "lora_on_head":
-        cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "lm_head"])
+    if how.startswith("lora"):
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "lm_head"],
+                              lora_bias=how == "lora_bias_on_head")
     else:
         cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"],
                               modules_to_save=["lm_head"])
     model = peft.get_peft_model(base, cfg)
     with torch.no_grad():  # lora_B starts at 0; make the adapters change the head
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name:  # weights and, with lora_bias, biases
                 p.normal_(std=0.1)
     model.train()
     batch = _batch()
@@ -65,3 +66,9 @@ def test_peft_model_in_pear_trainer(tmp_path):
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 3 and "pear/mean_weight" in logged[0]
+
+
+def test_dora_head_is_refused():
+    model = peft.get_peft_model(hf_utils.model(), peft.LoraConfig(r=4, target_modules=["lm_head"], use_dora=True))
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        apply_pear_kernel(model.get_base_model())

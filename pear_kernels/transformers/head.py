@@ -109,6 +109,13 @@ def resolve_head(head: nn.Module) -> HeadPath:
         active = [] if getattr(lora, "disable_adapters", False) or getattr(lora, "merged", False) else [
             a for a in _active_adapters(lora) if a in lora.lora_A
         ]
+        use_dora = getattr(lora, "use_dora", None)
+        for a in active:
+            if isinstance(use_dora, dict) and use_dora.get(a):
+                raise NotImplementedError(
+                    f"DoRA adapter {a!r} on the LM head: its weight is renormalised per output row, which the "
+                    "fused loss does not reproduce; use plain LoRA or modules_to_save for the head"
+                )
         chain.append(base)
         for a in active:
             chain.extend([lora.lora_A[a], lora.lora_B[a]])
@@ -127,6 +134,10 @@ def resolve_head(head: nn.Module) -> HeadPath:
             for a in active:
                 # get_delta_weight is differentiable in lora_A / lora_B: their gradients flow
                 weight = weight + lora.get_delta_weight(a).to(weight.dtype)
+                b_bias = getattr(lora.lora_B[a], "bias", None)
+                if b_bias is not None:  # peft's lora_bias=True: lora_B's bias, scaled, joins the output
+                    extra = b_bias.to(weight.dtype) * lora.scaling[a]
+                    bias = extra if bias is None else bias + extra
             return weight, bias
 
         names.append(f"LoRA[{','.join(active) or 'inactive'}]")
