@@ -170,3 +170,24 @@ def test_ingest_vllm_style_logprobs(tmp_path):
         ingest_generation_logprobs([bad])
     with pytest.raises(DataFormatError, match="logprobs entries for"):
         ingest_generation_logprobs([dict(vllm, outputs=[dict(vllm["outputs"][1], logprobs=lps[:-1])])])
+
+
+def test_plan_sorts_by_length_and_batches_respect_the_token_budget():
+    items = [(i, "", {}, [1] * 2, [1] * n) for i, n in enumerate([3, 9, 1, 9, 5, 7])]
+    plan = collect_mod._plan(items, shard_size=4)
+    assert plan == [[1, 3, 5, 4], [0, 2]]  # longest first, ties by index
+    lengths = [len(it[3]) + len(it[4]) for it in items]
+    batches = list(collect_mod._batches(plan[0], lengths, max_tokens=24, max_batch=None))
+    assert batches == [[1, 3], [5, 4]]
+    for b in batches:
+        assert max(lengths[i] for i in b) * len(b) <= 24
+    assert list(collect_mod._batches(plan[0], lengths, 10**6, max_batch=3)) == [[1, 3, 5], [4]]
+
+
+def test_collect_reads_parquet_like_jsonl(setup, tmp_path):
+    root, model_dir, data, recs = setup
+    pq_path = hf_utils.write_parquet(tmp_path / "data.parquet", recs)
+    collect_behavior_logprobs(model_dir, pq_path, str(tmp_path / "a"), **_opts())
+    collect_behavior_logprobs(model_dir, data, str(tmp_path / "b"), **_opts())
+    a, b = read_collected(str(tmp_path / "a")), read_collected(str(tmp_path / "b"))
+    assert [r["behavior_logprobs"] for r in a] == [r["behavior_logprobs"] for r in b]

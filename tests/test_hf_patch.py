@@ -306,3 +306,17 @@ def test_packed_sequence_ids_from_positions_seq_idx_and_cu_seqlens():
     assert _packed_sequence_ids(rows, None, rows.shape) is None
     with pytest.raises(ValueError, match="cu_seq_lens_q"):
         _packed_sequence_ids(None, None, pos.shape, torch.tensor([0, 3, 8]))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = _batch(2)
+    a = apply_pear_kernel(hf_utils.model().double().train(), PEARConfig())
+    b = copy.deepcopy(a)
+    b.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    la, lb = a(**batch).loss, b(**batch).loss
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(lb, la, rtol=1e-12, atol=1e-12)
+    gb = _grads(b)
+    for k, g in _grads(a).items():
+        torch.testing.assert_close(gb[k], g, rtol=1e-9, atol=1e-12, msg=k)
