@@ -103,7 +103,6 @@ def _load_model(model, tokenizer, device, dtype):
         ident = f"{type(model).__name__}:{getattr(getattr(model, 'config', None), 'name_or_path', '')}"
     if device is not None:
         model = model.to(device)
-    model.eval()
     return model, tokenizer, ident
 
 
@@ -215,6 +214,19 @@ def collect_behavior_logprobs(
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     model, tokenizer, ident = _load_model(model, tokenizer, device, dtype)
+    was_training = model.training
+    model.eval()  # no dropout while scoring; the caller's mode is restored at the end
+    try:
+        return _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, max_batch_size,
+                        shard_size, temperature, max_length, add_special_tokens, append_eos, resume,
+                        overwrite, progress, max_new_shards)
+    finally:
+        model.train(was_training)
+
+
+def _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, max_batch_size, shard_size,
+             temperature, max_length, add_special_tokens, append_eos, resume, overwrite, progress,
+             max_new_shards) -> CollectResult:
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
