@@ -9,11 +9,15 @@ Everything else (eval, generation, no labels, ``logits_to_keep`` != 0) calls the
 forward unchanged, with ``behavior_logprobs`` dropped.
 
 Packed rows (several sequences in one row, as DataCollatorWithFlattening or TRL's
-padding-free collator produce) are detected from ``seq_idx`` or ``position_ids`` (a position
+padding-free collator produce) are detected from ``seq_idx``, ``position_ids`` (a position
 that does not follow its predecessor by 1 starts a sequence, as in transformers'
-``find_packed_sequence_indices``); the loss then gets ``cu_seqlens`` so no PEAR weight crosses
-a sequence boundary, and the prediction of one sequence's first token from the previous
-sequence's last token is masked.
+``find_packed_sequence_indices``) or ``cu_seq_lens_q``; the loss then gets ``cu_seqlens`` so no
+PEAR weight crosses a sequence boundary, and the prediction of one sequence's first token from
+the previous sequence's last token is masked.
+
+``num_items_in_batch`` (passed by Trainer under gradient accumulation) is the loss's normalizer.
+Under autocast the head's matmul runs in the autocast dtype, as the stock ``lm_head`` would; the
+kernel itself runs with autocast off.
 """
 
 from __future__ import annotations
