@@ -11,7 +11,8 @@ with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
 
 extras = {
     # Hugging Face models, Trainer and TRL's SFTTrainer
-    "hf": ["transformers>=4.46", "trl>=0.19", "tokenizers>=0.20", "accelerate>=1.0"],
+    "hf": ["transformers>=4.46", "trl>=0.19", "tokenizers>=0.20", "accelerate>=1.0", "datasets>=2.14",
+           "pyarrow>=12"],
     # GPU kernels (and their CPU interpreter tests)
     "triton": ["triton>=3.1"],
     # benchmarks against the naive loss and the peers
@@ -30,6 +31,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4,<3", "numpy"],
     extras_require=extras,
+    entry_points={"console_scripts": ["pear-kernels = pear_kernels.cli:main"]},
     license="Apache-2.0",
     classifiers=[
         "Programming Language :: Python :: 3",

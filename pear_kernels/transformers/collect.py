@@ -1,0 +1,476 @@
+"""Offline collection of behavior log-probs, and ingestion of log-probs recorded at generation.
+
+``collect_behavior_logprobs`` runs a local causal LM (the behavior policy) over a data set and
+stores log pi_beta of every response token next to the token ids it was computed on:
+
+- the head goes through ``fused_token_logprobs`` (no (tokens x vocab) logits), read through the
+  head module (see head.py);
+- examples are sorted by length (longest first) so a batch pads little, and batched up to a
+  token budget;
+- the sorted order is cut into shards of ``shard_size`` examples; each shard is written to a
+  temporary file and renamed into place (``os.replace`` is atomic on POSIX), so after an
+  interruption a shard is either complete or absent. A rerun reuses the complete shards whose
+  rows check out and computes the rest: no row is lost or written twice. The manifest records a
+  fingerprint of the tokenized inputs, the model and the settings, and a rerun with different
+  ones is refused instead of mixing two collections;
+- ``read_collected`` checks the result when it is read back: every index exactly once, token ids
+  equal to the stored response, log-probs finite and <= 0.
+
+``ingest_generation_logprobs`` converts log-probs recorded by the sampler (vLLM-style: per
+generated token, the sampled token's log-prob or a {token_id: logprob} dict that contains it)
+into the same record format, checking that the recorded ids are the generated ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import fused_token_logprobs
+from .data import DataFormatError, iter_source, tokenize_record
+from .head import call_through_head
+
+__all__ = [
+    "CollectResult",
+    "collect_behavior_logprobs",
+    "ingest_generation_logprobs",
+    "read_collected",
+]
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_LOGPROB_TOLERANCE = 1e-4
+# Fields a collection (re)computes; stale values from the input are dropped.
+_OUTPUT_FIELDS = ("index", "prompt_ids", "response_ids", "behavior_token_ids", "behavior_logprobs")
+
+
+@dataclass
+class CollectResult:
+    output_dir: str
+    num_examples: int
+    shards_total: int
+    shards_written: int
+    shards_reused: int
+    complete: bool
+
+
+def _atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}.jsonl"
+
+
+def _load_model(model, tokenizer, device, dtype):
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = os.fspath(model)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model must be a local model directory, got {path!r}")
+        kwargs = {"local_files_only": True}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        ident = os.path.abspath(path)
+        model = loaded
+    else:
+        if dtype is not None:
+            model = model.to(dtype)
+        ident = f"{type(model).__name__}:{getattr(getattr(model, 'config', None), 'name_or_path', '')}"
+    if device is not None:
+        model = model.to(device)
+    return model, tokenizer, ident
+
+
+def _fingerprint(items, ident: str, settings: Dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": ident, **settings}, sort_keys=True).encode())
+    for _, _, _, p, r in items:
+        h.update(json.dumps([p, r]).encode())
+    return h.hexdigest()
+
+
+def _plan(items, shard_size: int) -> List[List[int]]:
+    # longest first, ties by index: deterministic, so a rerun cuts the same shards
+    order = sorted(range(len(items)), key=lambda i: (-(len(items[i][3]) + len(items[i][4])), i))
+    return [order[k: k + shard_size] for k in range(0, len(order), shard_size)]
+
+
+def _batches(positions: Sequence[int], lengths: Sequence[int], max_tokens: int, max_batch: Optional[int]):
+    batch: List[int] = []
+    longest = 0
+    for i in positions:
+        longest_if = max(longest, lengths[i])
+        if batch and (longest_if * (len(batch) + 1) > max_tokens or (max_batch and len(batch) >= max_batch)):
+            yield batch
+            batch, longest_if = [], lengths[i]
+        batch.append(i)
+        longest = longest_if
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def _score(model, pad_id: int, seqs: List[Tuple[List[int], List[int]]], temperature: float) -> List[List[float]]:
+    """Response log-probs of each (prompt_ids, response_ids) pair, one padded forward."""
+    device = next(model.parameters()).device
+    lengths = [len(p) + len(r) for p, r in seqs]
+    L = max(lengths)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    target = torch.full((len(seqs), L - 1), -100, dtype=torch.long)
+    for b, (p, r) in enumerate(seqs):
+        full = p + r
+        ids[b, : len(full)] = torch.tensor(full)
+        mask[b, : len(full)] = 1
+        # hidden state i predicts token i + 1: the response tokens are targets of positions P-1 .. P+R-2
+        target[b, len(p) - 1: len(full) - 1] = torch.tensor(r)
+    ids, mask, target = ids.to(device), mask.to(device), target.to(device)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
+    logp = call_through_head(
+        model.get_output_embeddings(), hidden,
+        lambda h, w, bias: fused_token_logprobs(h.to(w.dtype), w, target, bias=bias, temperature=temperature),
+    )
+    logp = logp.float().cpu()
+    return [logp[b, len(p) - 1: len(p) + len(r) - 1].tolist() for b, (p, r) in enumerate(seqs)]
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="ex", desc="collect", dynamic_ncols=True)
+
+
+def collect_behavior_logprobs(
+    model,
+    data,
+    output_dir: str,
+    *,
+    tokenizer=None,
+    max_tokens_per_batch: int = 8192,
+    max_batch_size: Optional[int] = None,
+    shard_size: int = 256,
+    device=None,
+    dtype: Optional[torch.dtype] = None,
+    temperature: float = 1.0,
+    max_length: Optional[int] = None,
+    add_special_tokens: bool = True,
+    append_eos: bool = False,
+    resume: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_new_shards: Optional[int] = None,
+) -> CollectResult:
+    """Compute behavior log-probs of every response token of ``data`` with ``model``.
+
+    Args:
+        model: a local model directory (loaded with AutoModelForCausalLM, offline) or a model.
+        data: JSONL/Parquet path(s) or records (see data.py; behavior fields are not needed).
+        output_dir: where shards and the manifest go; read it back with ``read_collected`` or
+            pass it to ``load_pear_dataset``.
+        tokenizer: needed for text records; defaults to the model directory's tokenizer.
+        max_tokens_per_batch: padded tokens per forward (batch size x longest sequence).
+        shard_size: examples per atomically written shard (the unit of resumption).
+        temperature: the sampling temperature of the behavior policy (logits are divided by it).
+        max_length: truncate prompt + response to this many tokens.
+        resume: reuse complete shards of an earlier run with the same inputs and settings.
+        overwrite: delete an earlier collection in ``output_dir`` first.
+        max_new_shards: stop after writing this many shards (time-boxed jobs; rerun to go on).
+
+    Returns a CollectResult; ``complete`` is False only when ``max_new_shards`` stopped it.
+    """
+    for name, v in (("max_tokens_per_batch", max_tokens_per_batch), ("shard_size", shard_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    model, tokenizer, ident = _load_model(model, tokenizer, device, dtype)
+    was_training = model.training
+    model.eval()  # no dropout while scoring; the caller's mode is restored at the end
+    try:
+        return _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, max_batch_size,
+                        shard_size, temperature, max_length, add_special_tokens, append_eos, resume,
+                        overwrite, progress, max_new_shards)
+    finally:
+        model.train(was_training)
+
+
+def _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, max_batch_size, shard_size,
+             temperature, max_length, add_special_tokens, append_eos, resume, overwrite, progress,
+             max_new_shards) -> CollectResult:
+    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    if pad_id is None:
+        pad_id = getattr(model.config, "pad_token_id", None) or 0
+
+    items = []  # (index, where, record, prompt_ids, response_ids)
+    for index, (where, rec) in enumerate(iter_source(data)):
+        p, r = tokenize_record(rec, tokenizer, where=where, add_special_tokens=add_special_tokens,
+                               append_eos=append_eos)
+        if max_length is not None:
+            r = r[: max(0, max_length - len(p))]
+            p = p[:max_length]
+        if not p:
+            raise DataFormatError(f"{where}: empty prompt: the first response token would have no context")
+        items.append((index, where, rec, p, r))
+
+    settings = {"temperature": float(temperature), "shard_size": shard_size, "version": FORMAT_VERSION}
+    fingerprint = _fingerprint(items, ident, settings)
+    plan = _plan(items, shard_size)
+    os.makedirs(output_dir, exist_ok=True)
+    manifest_path = os.path.join(output_dir, MANIFEST)
+    if overwrite:
+        for name in os.listdir(output_dir):
+            if name == MANIFEST or name.startswith("shard-"):
+                os.unlink(os.path.join(output_dir, name))
+    manifest = {
+        "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "model": ident,
+        "num_examples": len(items), "num_shards": len(plan), "shards": plan, "complete": False, **settings,
+    }
+    if os.path.exists(manifest_path):
+        old = _read_manifest(output_dir)
+        if old.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{output_dir} holds a collection of different inputs, model or settings; use another output "
+                "directory or overwrite=True"
+            )
+        if not resume:
+            raise ValueError(f"{output_dir} already holds this collection; pass resume=True or overwrite=True")
+    elif any(n.startswith("shard-") and n.endswith(".jsonl") for n in os.listdir(output_dir)):
+        raise ValueError(f"{output_dir} has shards but no {MANIFEST}; refusing to mix; use overwrite=True")
+    _atomic_write(manifest_path, json.dumps(manifest))
+
+    # stale temporary files of an interrupted run are never read; remove them
+    for name in os.listdir(output_dir):
+        if name.startswith("shard-") and name.endswith(".tmp"):
+            os.unlink(os.path.join(output_dir, name))
+
+    done = []
+    for k, members in enumerate(plan):
+        path = os.path.join(output_dir, _shard_name(k))
+        if os.path.exists(path):
+            try:
+                _read_shard(path, items_expected=sorted(items[i][0] for i in members))
+                done.append(k)
+            except DataFormatError as exc:
+                print(f"pear-kernels collect: recomputing {path}: {exc}", file=sys.stderr)
+    lengths = [len(it[3]) + len(it[4]) for it in items]
+    bar = _progress(len(items), sum(len(plan[k]) for k in done), progress)
+    written = 0
+    try:
+        for k, members in enumerate(plan):
+            if k in done:
+                continue
+            if max_new_shards is not None and written >= max_new_shards:
+                break
+            rows = {}
+            for batch in _batches(members, lengths, max_tokens_per_batch, max_batch_size):
+                scores = _score(model, pad_id, [(items[i][3], items[i][4]) for i in batch], float(temperature))
+                for i, lp in zip(batch, scores):
+                    index, _, rec, p, r = items[i]
+                    row = {key: v for key, v in rec.items() if key not in _OUTPUT_FIELDS}
+                    row.update(index=index, prompt_ids=p, response_ids=r, behavior_token_ids=r, behavior_logprobs=lp)
+                    rows[index] = row
+                if bar is not None:
+                    bar.update(len(batch))
+            text = "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows))
+            _atomic_write(os.path.join(output_dir, _shard_name(k)), text)
+            written += 1
+            if bar is None and progress:
+                print(f"pear-kernels collect: shard {k + 1}/{len(plan)} written", file=sys.stderr)
+    finally:
+        if bar is not None:
+            bar.close()
+    complete = all(os.path.exists(os.path.join(output_dir, _shard_name(k))) for k in range(len(plan)))
+    if complete:
+        manifest["complete"] = True
+        _atomic_write(manifest_path, json.dumps(manifest))
+    return CollectResult(output_dir, len(items), len(plan), written, len(done), complete)
+
+
+def _read_manifest(output_dir: str) -> Dict[str, Any]:
+    path = os.path.join(output_dir, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise DataFormatError(f"{output_dir}: no {MANIFEST}: not a collection directory") from None
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{path}: invalid JSON ({exc.msg})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataFormatError(f"{path}: unsupported format_version {manifest.get('format_version')!r}")
+    return manifest
+
+
+def _check_row(row: Dict[str, Any], where: str) -> None:
+    for key in _OUTPUT_FIELDS:
+        if key not in row:
+            raise DataFormatError(f"{where}: collected row lacks {key!r}")
+    r, ids, lp = row["response_ids"], row["behavior_token_ids"], row["behavior_logprobs"]
+    if ids != r:
+        raise DataFormatError(f"{where}: behavior_token_ids differ from response_ids")
+    if len(lp) != len(r):
+        raise DataFormatError(f"{where}: {len(lp)} log-probs for {len(r)} response tokens")
+    for j, v in enumerate(lp):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v) or v > _LOGPROB_TOLERANCE:
+            raise DataFormatError(f"{where}: behavior_logprobs[{j}] = {v!r} is not a log-probability")
+
+
+def _read_shard(path: str, items_expected: Optional[List[int]] = None) -> List[Dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFormatError(f"{where}: invalid JSON: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise DataFormatError(f"{where}: a row must be a JSON object")
+            _check_row(row, where)
+            rows.append(row)
+    if items_expected is not None and sorted(r["index"] for r in rows) != items_expected:
+        raise DataFormatError(f"{path}: rows do not match the shard's planned examples")
+    return rows
+
+
+def read_collected(output_dir: str, *, allow_incomplete: bool = False) -> List[Dict[str, Any]]:
+    """The rows of a collection in input order, validated (each index exactly once)."""
+    manifest = _read_manifest(output_dir)
+    if not manifest.get("complete") and not allow_incomplete:
+        raise DataFormatError(
+            f"{output_dir}: the collection is incomplete (interrupted?); rerun collect to finish it"
+        )
+    rows: Dict[int, Dict[str, Any]] = {}
+    for k, members in enumerate(manifest["shards"]):
+        path = os.path.join(output_dir, _shard_name(k))
+        if not os.path.exists(path):
+            if allow_incomplete:
+                continue
+            raise DataFormatError(f"{path}: missing shard of a complete collection")
+        for row in _read_shard(path, items_expected=sorted(members)):
+            if row["index"] in rows:
+                raise DataFormatError(f"{path}: example {row['index']} appears twice")
+            rows[row["index"]] = row
+    if not allow_incomplete and sorted(rows) != list(range(manifest["num_examples"])):
+        missing = sorted(set(range(manifest["num_examples"])) - set(rows))
+        raise DataFormatError(f"{output_dir}: examples {missing[:10]} are missing")
+    return [rows[i] for i in sorted(rows)]
+
+
+# ----------------------------------------------------------------------------- generation-time log-probs
+
+
+def _sampled_logprob(entry, token_id: int, where: str, pos: int) -> float:
+    if isinstance(entry, (int, float)) and not isinstance(entry, bool):
+        return float(entry)
+    if isinstance(entry, dict):
+        for key, value in entry.items():
+            try:
+                k = int(key)
+            except (TypeError, ValueError):
+                raise DataFormatError(f"{where}: logprobs[{pos}] keys must be token ids, got {key!r}") from None
+            if k == token_id:
+                v = value.get("logprob") if isinstance(value, dict) else value
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise DataFormatError(f"{where}: logprobs[{pos}][{key!r}] has no numeric logprob")
+                return float(v)
+        raise DataFormatError(
+            f"{where}: logprobs[{pos}] has no entry for the generated token id {token_id}: the recorded "
+            "log-probs do not belong to these token ids"
+        )
+    raise DataFormatError(f"{where}: logprobs[{pos}] must be a number or a {{token_id: logprob}} object")
+
+
+def _expand_outputs(rec: Dict[str, Any], where: str) -> Iterable[Tuple[str, Dict[str, Any], Dict[str, Any]]]:
+    outputs = rec.get("outputs")
+    if outputs is None:
+        yield where, rec, rec
+        return
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise DataFormatError(f"{where}: 'outputs' must be a list of objects")
+    for j, out in enumerate(outputs):
+        yield f"{where} output {j}", rec, out
+
+
+def ingest_generation_logprobs(source, output_path: Optional[str] = None, *, tokenizer=None) -> List[Dict[str, Any]]:
+    """Records with behavior log-probs from generation-time logs (vLLM-style).
+
+    Each input record has the prompt ("prompt" text, or "prompt_token_ids"/"prompt_ids") and
+    either the generation itself or, as vLLM's RequestOutput, a list "outputs" of them (one
+    example each). A generation has "token_ids" (the sampled ids), "logprobs" (per sampled
+    token: its log-prob, or a {token_id: logprob or {"logprob": ...}} dict that must contain it)
+    and optionally "text". The result uses the data.py format, ids form when the prompt ids are
+    known (or a tokenizer is given), text form otherwise; ``load_pear_dataset`` then checks the
+    ids against the tokenization. Written atomically as JSONL when ``output_path`` is given.
+    """
+    out_records = []
+    in_memory = isinstance(source, list) and not all(isinstance(x, (str, os.PathLike)) for x in source)
+    for where, rec in _records(source) if in_memory else iter_source(source):
+        for w, parent, gen in _expand_outputs(rec, where):
+            token_ids, logprobs = gen.get("token_ids"), gen.get("logprobs")
+            if not isinstance(token_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+                raise DataFormatError(f"{w}: 'token_ids' must be a list of integers")
+            if not isinstance(logprobs, list):
+                raise DataFormatError(f"{w}: 'logprobs' must be a list (one entry per generated token)")
+            if len(logprobs) != len(token_ids):
+                raise DataFormatError(f"{w}: {len(logprobs)} logprobs entries for {len(token_ids)} generated tokens")
+            values = [_sampled_logprob(e, t, w, i) for i, (e, t) in enumerate(zip(logprobs, token_ids))]
+            for i, v in enumerate(values):
+                if math.isnan(v) or v > _LOGPROB_TOLERANCE:
+                    raise DataFormatError(f"{w}: logprobs[{i}] = {v!r} is not a log-probability")
+            keep = {k: v for k, v in parent.items()
+                    if k not in ("outputs", "token_ids", "logprobs", "text", "prompt_token_ids", "prompt_logprobs")}
+            prompt_ids = parent.get("prompt_token_ids", parent.get("prompt_ids"))
+            if prompt_ids is None and tokenizer is not None and isinstance(parent.get("prompt"), str):
+                prompt_ids = tokenize_record({"prompt": parent["prompt"], "response": ""}, tokenizer, where=w)[0]
+            row = dict(keep)
+            if prompt_ids is not None:
+                row.update(prompt_ids=list(prompt_ids), response_ids=list(token_ids))
+            else:
+                text = gen.get("text", parent.get("response"))
+                if not isinstance(parent.get("prompt"), str) or not isinstance(text, str):
+                    raise DataFormatError(
+                        f"{w}: need 'prompt_token_ids', or 'prompt' and the generated 'text' (or a tokenizer)"
+                    )
+                row.update(prompt=parent["prompt"], response=text)
+            row.update(behavior_token_ids=list(token_ids), behavior_logprobs=values)
+            out_records.append(row)
+    if output_path is not None:
+        _atomic_write(output_path, "".join(json.dumps(r) + "\n" for r in out_records))
+    return out_records
+
+
+def _records(items: List[Any]):
+    for i, rec in enumerate(items):
+        if not isinstance(rec, dict):
+            raise DataFormatError(f"record {i}: must be an object, got {type(rec).__name__}")
+        yield f"record {i}", rec

@@ -1,0 +1,421 @@
+"""PEAR SFT data: (prompt, response) with the behavior policy's per-token log-probs.
+
+One example is a JSON object (a JSONL line or a Parquet row) in one of three forms:
+
+    {"prompt": str, "response": str, ...}                 text, tokenized here
+    {"messages": [{"role": ..., "content": ...}, ...]}    chat, the last message is the response
+    {"prompt_ids": [int], "response_ids": [int], ...}     token ids
+
+plus the behavior log-probs and the token ids they were computed on:
+
+    "behavior_logprobs":  [float]   log pi_beta of each token
+    "behavior_token_ids": [int]     the tokens those log-probs belong to
+
+either over the response only (same length as the response) or over the whole sequence (same
+length as prompt + response; prompt entries may be null). With token ids as input,
+``behavior_token_ids`` defaults to ``response_ids``; with text it is required, because the
+stored ids are the only way to check the tokenization.
+
+``build_example`` returns ``input_ids``, ``attention_mask``, ``labels`` (prompt = -100) and
+``behavior_logprobs`` aligned with input_ids: behavior_logprobs[i] = log pi_beta(input_ids[i] |
+input_ids[:i]); the model shifts it exactly like labels. An example whose stored token ids
+differ from the tokenization is refused (MisalignedExampleError with the example index and the
+first differing position), never shifted to fit; ``skip_misaligned=True`` skips and counts it.
+
+The response is what the behavior policy generated after the prompt ids, so prompt and
+response are tokenized separately (prompt with the tokenizer's special tokens, response
+without) and concatenated; for chat, the prompt is the chat template of all but the last
+message with a generation prompt, and it must be a prefix of the template of all messages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "DataFormatError",
+    "MisalignedExampleError",
+    "PEARDataset",
+    "build_example",
+    "load_pear_dataset",
+    "read_records",
+    "tokenize_record",
+]
+
+# Same tolerance as the core's input check: a log-prob a hair above 0 is float rounding.
+_LOGPROB_TOLERANCE = 1e-4
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class DataFormatError(ValueError):
+    """A record or a file that does not follow the format; the message names file and line."""
+
+
+class MisalignedExampleError(ValueError):
+    """Stored behavior token ids differ from the tokenization of the example."""
+
+    def __init__(self, index: int, where: str, position: int, stored, tokenized, detail: str = ""):
+        self.index, self.where, self.position = index, where, position
+        self.stored, self.tokenized = stored, tokenized
+        super().__init__(
+            f"example {index} ({where}): behavior_token_ids differ from the tokenization at input "
+            f"position {position}: stored {stored!r}, tokenized {tokenized!r}{detail}. The log-probs "
+            "would be misaligned; fix the data or pass skip_misaligned=True to skip such examples"
+        )
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_record(rec: Any, where: str) -> None:
+    """Field types of one record; errors name the location and the field."""
+    if not isinstance(rec, dict):
+        raise DataFormatError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+
+    def need(name, ok, what):
+        if name in rec and rec[name] is not None and not ok(rec[name]):
+            raise DataFormatError(f"{where}: field {name!r} must be {what}, got {_short(rec[name])}")
+
+    def int_list(v):
+        return isinstance(v, list) and all(_is_int(x) for x in v)
+
+    need("prompt", lambda v: isinstance(v, str), "a string")
+    need("response", lambda v: isinstance(v, str), "a string")
+    need("prompt_ids", int_list, "a list of integers")
+    need("response_ids", int_list, "a list of integers")
+    need("behavior_token_ids", int_list, "a list of integers")
+    need("behavior_logprobs", lambda v: isinstance(v, list) and all(x is None or _is_num(x) for x in v),
+         "a list of numbers")
+    need("messages", lambda v: isinstance(v, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in v
+    ), "a list of {'role': str, 'content': str} objects")
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _read_jsonl(path: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    with open(path, "r", encoding="utf-8") as f:
+        lineno = 0
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                hint = " (the file looks truncated)" if not line.endswith("\n") else ""
+                raise DataFormatError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}{hint}") from None
+            _check_record(rec, where)
+            yield where, rec
+
+
+# Arrow types each known column may have; checked on the schema before any row is read.
+def _arrow_checks():
+    import pyarrow as pa
+
+    def list_of(pred):
+        return lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pred(t.value_type)
+
+    def is_str(t):
+        return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+    def is_num(t):
+        return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
+
+    def is_msg(t):
+        return pa.types.is_struct(t) and all(
+            t.get_field_index(k) >= 0 and is_str(t.field(k).type) for k in ("role", "content")
+        )
+
+    return {
+        "prompt": (is_str, "a string"),
+        "response": (is_str, "a string"),
+        "prompt_ids": (list_of(pa.types.is_integer), "a list of integers"),
+        "response_ids": (list_of(pa.types.is_integer), "a list of integers"),
+        "behavior_token_ids": (list_of(pa.types.is_integer), "a list of integers"),
+        "behavior_logprobs": (list_of(is_num), "a list of numbers"),
+        "messages": (list_of(is_msg), "a list of {role, content} structs"),
+    }
+
+
+def _read_parquet(path: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("reading Parquet needs pyarrow: pip install pear_kernels[hf]") from exc
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataFormatError(f"{path}: not a readable Parquet file ({exc})") from None
+    checks = _arrow_checks()
+    for f in pf.schema_arrow:
+        if f.name in checks:
+            ok, what = checks[f.name]
+            if not ok(f.type):
+                raise DataFormatError(f"{path}: column {f.name!r} must be {what}, got Arrow type {f.type}")
+    row = 0
+    for i in range(pf.num_row_groups):
+        try:
+            batch = pf.read_row_group(i).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise DataFormatError(f"{path}: row group {i} (from row {row + 1}) is unreadable ({exc})") from None
+        for rec in batch:
+            row += 1
+            where = f"{path}: row {row}"
+            _check_record(rec, where)
+            yield where, rec
+
+
+def read_records(path: PathLike) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """Yield (location, record) from a .jsonl/.json lines or .parquet file, checking types."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such data file: {path}")
+    if path.endswith(".parquet") or path.endswith(".pq"):
+        yield from _read_parquet(path)
+    elif path.endswith(".jsonl") or path.endswith(".json") or path.endswith(".ndjson"):
+        yield from _read_jsonl(path)
+    else:
+        raise DataFormatError(f"{path}: unknown data file type (expected .jsonl or .parquet)")
+
+
+def iter_source(source) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """(location, record) from a path, a list of paths, a collect output dir, or in-memory records."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            from .collect import read_collected
+
+            for i, rec in enumerate(read_collected(path)):
+                yield f"{path}: row {i + 1}", rec
+        else:
+            yield from read_records(path)
+        return
+    if isinstance(source, dict):
+        raise TypeError("source must be a path, a list of paths, or an iterable of records, not one record")
+    items = list(source)
+    if items and all(isinstance(x, (str, os.PathLike)) for x in items):
+        for p in items:
+            yield from iter_source(p)
+        return
+    for i, rec in enumerate(items):
+        where = f"record {i}"
+        _check_record(rec, where)
+        yield where, rec
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def _token_ids(out) -> List[int]:
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    if torch.is_tensor(out):
+        out = out.tolist()
+    if out and isinstance(out[0], list):  # batched output of one conversation
+        out = out[0]
+    return [int(x) for x in out]
+
+
+def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> List[int]:
+    return _token_ids(tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False,
+    ))
+
+
+def tokenize_record(
+    rec: Dict[str, Any],
+    tokenizer=None,
+    *,
+    where: str = "record",
+    add_special_tokens: bool = True,
+    append_eos: bool = False,
+) -> Tuple[List[int], List[int]]:
+    """(prompt_ids, response_ids) of one record."""
+    if rec.get("prompt_ids") is not None or rec.get("response_ids") is not None:
+        if rec.get("prompt_ids") is None or rec.get("response_ids") is None:
+            raise DataFormatError(f"{where}: token-id records need both 'prompt_ids' and 'response_ids'")
+        return list(rec["prompt_ids"]), list(rec["response_ids"])
+    if tokenizer is None:
+        raise DataFormatError(f"{where}: a text record needs a tokenizer (pass tokenizer=...)")
+    if rec.get("messages") is not None:
+        messages = rec["messages"]
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise DataFormatError(f"{where}: 'messages' must end with an assistant message after the prompt")
+        prompt_ids = _chat_ids(tokenizer, messages[:-1], True)
+        full = _chat_ids(tokenizer, messages, False)
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise DataFormatError(
+                f"{where}: the chat template of the conversation does not start with the template of its "
+                "prompt (with add_generation_prompt=True); the response cannot be located"
+            )
+        return prompt_ids, full[len(prompt_ids):]
+    if rec.get("prompt") is None or rec.get("response") is None:
+        raise DataFormatError(
+            f"{where}: a record needs 'prompt' and 'response', 'messages', or 'prompt_ids' and 'response_ids'"
+        )
+    prompt_ids = _token_ids(tokenizer(rec["prompt"], add_special_tokens=add_special_tokens))
+    response_ids = _token_ids(tokenizer(rec["response"], add_special_tokens=False))
+    if append_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("append_eos=True but the tokenizer has no eos_token_id")
+        response_ids.append(int(tokenizer.eos_token_id))
+    return prompt_ids, response_ids
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def build_example(
+    rec: Dict[str, Any],
+    tokenizer=None,
+    *,
+    index: int = 0,
+    where: str = "record",
+    max_length: Optional[int] = None,
+    add_special_tokens: bool = True,
+    append_eos: bool = False,
+    ignore_index: int = -100,
+) -> Dict[str, List]:
+    """One training example: input_ids, attention_mask, labels and aligned behavior_logprobs."""
+    prompt_ids, response_ids = tokenize_record(
+        rec, tokenizer, where=where, add_special_tokens=add_special_tokens, append_eos=append_eos
+    )
+    input_ids = prompt_ids + response_ids
+    P, L = len(prompt_ids), len(input_ids)
+    logprobs = rec.get("behavior_logprobs")
+    if logprobs is None:
+        raise DataFormatError(f"{where}: missing 'behavior_logprobs'")
+    stored = rec.get("behavior_token_ids")
+    if stored is None:
+        if rec.get("response_ids") is None:
+            raise DataFormatError(
+                f"{where}: text records need 'behavior_token_ids' (the ids the log-probs were computed on) "
+                "so the tokenization can be checked"
+            )
+        stored = rec["response_ids"]
+    if len(stored) != len(logprobs):
+        raise DataFormatError(
+            f"{where}: 'behavior_logprobs' has {len(logprobs)} entries but 'behavior_token_ids' has {len(stored)}"
+        )
+    full_span = len(stored) == L and len(stored) != len(response_ids)
+    reference, offset = (input_ids, 0) if full_span else (response_ids, P)
+    if list(stored) != reference:
+        pos = _first_difference(stored, reference)
+        s = stored[pos] if pos < len(stored) else "<end>"
+        t = reference[pos] if pos < len(reference) else "<end>"
+        detail = "" if len(stored) == len(reference) else (
+            f" (stored {len(stored)} ids, tokenization has {len(reference)}"
+            f"{' response' if not full_span else ''} tokens)"
+        )
+        raise MisalignedExampleError(index, where, offset + pos, s, t, detail)
+
+    behavior = [0.0] * L
+    for i, v in enumerate(logprobs):
+        pos = offset + i
+        if pos < P:
+            continue  # prompt positions are not supervised; their values are unused
+        if v is None or (isinstance(v, float) and math.isnan(v)) or v > _LOGPROB_TOLERANCE:
+            raise DataFormatError(
+                f"{where}: behavior_logprobs at input position {pos} must be a log-probability (<= 0), got {v!r}"
+            )
+        behavior[pos] = float(v)
+    labels = [ignore_index] * P + list(response_ids)
+    if max_length is not None:
+        input_ids, labels, behavior = input_ids[:max_length], labels[:max_length], behavior[:max_length]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * len(input_ids),
+        "labels": labels,
+        "behavior_logprobs": behavior,
+    }
+
+
+# ----------------------------------------------------------------------------- data set
+
+
+@dataclass
+class PEARDataset(torch.utils.data.Dataset):
+    """Tokenized PEAR examples (lists of ints / floats), and what was skipped while loading."""
+
+    examples: List[Dict[str, List]]
+    skipped: List[Tuple[int, str, str]] = field(default_factory=list)  # (index, location, reason)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def to_hf_dataset(self):
+        """A datasets.Dataset with the same columns (for TRL's SFTTrainer)."""
+        try:
+            import datasets
+        except ImportError as exc:  # pragma: no cover
+            raise ImportError("to_hf_dataset needs the datasets package: pip install pear_kernels[hf]") from exc
+        return datasets.Dataset.from_list(self.examples)
+
+
+def load_pear_dataset(
+    source,
+    tokenizer=None,
+    *,
+    max_length: Optional[int] = None,
+    skip_misaligned: bool = False,
+    add_special_tokens: bool = True,
+    append_eos: bool = False,
+    ignore_index: int = -100,
+) -> PEARDataset:
+    """Load and align PEAR examples from JSONL/Parquet files, a ``collect`` output dir, or records.
+
+    ``max_length`` truncates from the end; an example left without a supervised token is
+    skipped and counted. ``skip_misaligned`` skips (and counts, in ``.skipped``) examples whose
+    stored token ids differ from the tokenization instead of raising MisalignedExampleError.
+    """
+    if max_length is not None and (not _is_int(max_length) or max_length < 2):
+        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    examples, skipped = [], []
+    for index, (where, rec) in enumerate(iter_source(source)):
+        try:
+            ex = build_example(
+                rec, tokenizer, index=index, where=where, max_length=max_length,
+                add_special_tokens=add_special_tokens, append_eos=append_eos, ignore_index=ignore_index,
+            )
+        except MisalignedExampleError as exc:
+            if not skip_misaligned:
+                raise
+            skipped.append((index, where, str(exc)))
+            continue
+        if all(y == ignore_index for y in ex["labels"][1:]):
+            skipped.append((index, where, "no supervised token (empty response, or truncated away)"))
+            continue
+        examples.append(ex)
+    return PEARDataset(examples, skipped)
