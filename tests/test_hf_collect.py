@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import hf_utils
 import pytest
 
 from pear_kernels.transformers import collect as collect_mod
@@ -16,6 +15,8 @@ from pear_kernels.transformers import (
     read_collected,
 )
 from pear_kernels.transformers.data import DataFormatError, MisalignedExampleError
+
+from . import hf_utils
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-import hf_utils
 import pytest
 
 from pear_kernels.transformers import MisalignedExampleError, PEARDataCollator, load_pear_dataset
 from pear_kernels.transformers.data import DataFormatError
+
+from . import hf_utils
 
 
 def test_text_records_are_aligned_with_input_ids():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import socket
 
-import hf_utils
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +12,8 @@ import torch.distributed as dist
 from pear_kernels import PEARConfig
 from pear_kernels.transformers import PEARDataCollator, apply_pear_kernel, load_pear_dataset
 from pear_kernels.transformers import patch as patch_mod
+
+from . import hf_utils
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available() or not hasattr(fsdp, "fully_shard"):

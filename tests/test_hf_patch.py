@@ -6,7 +6,6 @@ import copy
 import subprocess
 import sys
 
-import hf_utils
 import pytest
 import torch
 from torch import nn
@@ -20,6 +19,8 @@ from pear_kernels.transformers import (
     load_pear_dataset,
     remove_pear_kernel,
 )
+
+from . import hf_utils
 
 
 def _batch(n=4, seed=0, **collator_kwargs):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 
-import hf_utils
 import pytest
 import torch
 
 from pear_kernels import PEARConfig
 from pear_kernels.transformers import PEARDataCollator, apply_pear_kernel, load_pear_dataset
+
+from . import hf_utils
 
 peft = pytest.importorskip("peft")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 
-import hf_utils
 import pytest
 import torch
 from transformers import TrainingArguments
@@ -12,6 +11,8 @@ from transformers import TrainingArguments
 from pear_kernels import PEARConfig
 from pear_kernels.transformers import PEARTrainer, load_pear_dataset
 from pear_kernels.transformers.patch import pear_state
+
+from . import hf_utils
 
 
 def _dataset(n, seed=0):
