@@ -10,6 +10,7 @@ from .checks import check_inputs
 from .config import PEARConfig, Variant
 from .distributed import setup_vocab_parallel
 from .kernels.problem import PEARProblem
+from .ops.amp import leave_autocast
 from .ops.fused_linear_logprobs import fused_linear_logprobs
 from .weights import build_layout
 
@@ -38,6 +39,7 @@ def fused_token_logprobs(
     ``vocab_parallel_group``: lm_head_weight/bias are this rank's vocabulary shard, as in
     fused_pear_loss (same contract: identical inputs on every rank, full hidden gradient).
     """
+    hidden, lm_head_weight, bias, autocast_off = leave_autocast(hidden, lm_head_weight, bias)
     dummy_behavior = torch.zeros(labels.shape, dtype=hidden.dtype if hidden.is_floating_point() else torch.float32,
                                  device=labels.device if torch.is_tensor(labels) else None)
     vocab_parallel = None
@@ -58,7 +60,8 @@ def fused_token_logprobs(
         behavior_logprobs=chk.behavior_logprobs, layout=layout, config=config,
         temperature=float(temperature), chunk_size=chunk_size, vocab_parallel=vocab_parallel,
     )
-    out = fused_linear_logprobs(problem, with_entropy=return_entropy, backend=backend)
+    with autocast_off:
+        out = fused_linear_logprobs(problem, with_entropy=return_entropy, backend=backend)
     logp, entropy = out if return_entropy else (out, None)
 
     def full(values: torch.Tensor) -> torch.Tensor:

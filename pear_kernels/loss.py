@@ -10,6 +10,7 @@ from .checks import check_inputs
 from .config import PEARConfig, Variant
 from .distributed import setup_vocab_parallel
 from .kernels.problem import PEARProblem
+from .ops.amp import leave_autocast
 from .ops.fused_linear_pear import fused_linear_pear
 from .stats import PEARStats, summarize
 from .weights import build_layout
@@ -77,6 +78,7 @@ def fused_pear_loss(
     )
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    hidden, lm_head_weight, bias, autocast_off = leave_autocast(hidden, lm_head_weight, bias)
     vocab_parallel = None
     if vocab_parallel_group is not None:
         vocab_parallel, backend = setup_vocab_parallel(
@@ -96,7 +98,8 @@ def fused_pear_loss(
         behavior_logprobs=chk.behavior_logprobs, layout=layout, config=config,
         temperature=float(temperature), chunk_size=chunk_size, vocab_parallel=vocab_parallel,
     )
-    loss, result = fused_linear_pear(problem, reduction, num_items_in_batch, backend)
+    with autocast_off:
+        loss, result = fused_linear_pear(problem, reduction, num_items_in_batch, backend)
     if reduction == "none":
         loss = loss.reshape(chk.input_shape)
     if not return_stats:

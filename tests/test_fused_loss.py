@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pear_kernels import PEARConfig, PEARLoss, fused_pear_loss, reference_pear_loss
+from pear_kernels import PEARConfig, PEARLoss, fused_pear_loss, fused_token_logprobs, reference_pear_loss
 
 from .conftest import leaf, make_problem
 
@@ -225,3 +225,20 @@ def test_partial_requires_grad(needs):
             torch.testing.assert_close(h.grad, h2.grad)
         if needs[1]:
             torch.testing.assert_close(w.grad, w2.grad)
+
+
+def test_autocast_region_runs_in_autocast_dtype():
+    hidden, weight, labels, behavior, bias = make_problem((2, 9), 16, 100, torch.float32, bias=True, seed=12)
+    h, w, b = leaf(hidden), leaf(weight), leaf(bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_pear_loss(h, w, labels, behavior, bias=b, **WIDE)
+        lp = fused_token_logprobs(h, w, labels, bias=b)
+    loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    # same as casting to bf16 by hand, outside autocast
+    h2, w2, b2 = (leaf(t.to(torch.bfloat16)) for t in (hidden, weight, bias))
+    want = fused_pear_loss(h2, w2, labels, behavior, bias=b2, **WIDE)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(h.grad, h2.grad.float())
+    assert lp.dtype == torch.float32
