@@ -1,0 +1,242 @@
+"""Fully fused Triton kernels: logsumexp straight from hidden and weight tiles, and a backward
+that recomputes the logit tiles. No (tokens x vocab) tensor, not even a chunk of one, is ever
+written to global memory.
+
+Forward, one program per tile of BLOCK_M supervised tokens, streaming the vocabulary:
+
+    for each vocab tile [v0, v0 + BLOCK_V):
+        z = (sum over H tiles of h[rows, k] @ W[v, k]^T  + b[v]) / T        (fp32 accumulator)
+        online logsumexp (m, s), entropy accumulator t, target logit z[y] picked by column
+    lse = m + log s;  logp = z_y - lse;  entropy = lse - t / s
+
+FLOPs: 2 H per (token, vocab) pair, like the plain matmul; bytes: W is read once per token
+tile, so arithmetic intensity grows with BLOCK_M (see benchmarks/test_gpu_bench.py).
+
+Backward, one program per (token tile, vocab tile), given lse and the per-token factor coef:
+
+    g      = coef / T * (exp(z - lse) - onehot(y))          (BLOCK_M x BLOCK_V, recomputed z)
+    dh[r] += g @ W[v]       dW[v] += g^T @ h[r]       db[v] += sum_r g
+
+accumulated with fp32 atomics (dh over vocab tiles, dW over token tiles). This recomputes one
+matmul (4 in all against 3 for the chunked path) and trades the chunk buffer for atomic
+traffic: dh receives V / BLOCK_V partial sums per element. It is correct (verified in the
+interpreter) but untimed on a GPU; the chunked path (cuBLAS + row kernels) stays the default
+for gradients, see triton_pear.py.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_utils import interpreting
+
+__all__ = ["fused_lse_forward", "fused_recompute_backward", "forward_configs", "backward_configs"]
+
+
+def _cfg(bm, bv, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_configs():
+    """Autotune space of the fused forward (a single config under the interpreter).
+
+    Hopper (sm90, 228 KB smem, 4th-gen tensor cores): 128x128 output tiles with K=64 keep two
+    warpgroups busy; 3-4 stages of (128 + 128) x 64 bf16 tiles = 32 KB each fit the smem.
+    Ampere (sm80, 164 KB smem on A100, 100 KB on sm86): 128x128x32 at 4 stages (16 KB a stage)
+    or 64x128x64 at 3 stages; 4 warps is enough for a 64-row tile.
+    Interpreter: the smallest tile tl.dot accepts along M (16), so tiny test shapes run few
+    NumPy iterations.
+    """
+    if interpreting():
+        return [_cfg(16, 64, 32, 4, 1)]
+    major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 8
+    if major >= 9:
+        return [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4),
+                _cfg(128, 256, 64, 8, 3)]
+    return [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 64, 4, 3), _cfg(64, 64, 64, 4, 4),
+            _cfg(128, 64, 32, 4, 4)]
+
+
+@functools.lru_cache(maxsize=None)
+def backward_configs():
+    """Backward tiles hold g (BLOCK_M x BLOCK_V fp32) across the H loop, so they are smaller:
+    64x128 on Hopper (8 warps: 32 fp32 of g per thread), 64x64 on Ampere."""
+    if interpreting():
+        return [_cfg(16, 64, 32, 4, 1)]
+    major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 8
+    if major >= 9:
+        return [_cfg(64, 128, 64, 8, 3), _cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 4)]
+    return [_cfg(64, 64, 64, 4, 3), _cfg(64, 128, 32, 8, 3), _cfg(32, 64, 64, 4, 4)]
+
+
+@triton.jit
+def _logit_tile(H_ptr, W_ptr, B_ptr, rows, r_ok, v, v_ok, Hdim, stride_h, stride_w, inv_temp,
+                HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """z = (h[rows] @ W[v]^T + b[v]) / T as an fp32 (BLOCK_M, BLOCK_V) tile."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, Hdim, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < Hdim
+        h = tl.load(H_ptr + rows[:, None] * stride_h + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W_ptr + v[:, None] * stride_w + k[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(B_ptr + v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_temp
+
+
+@triton.autotune(configs=forward_configs(), key=["Hdim", "V"])
+@triton.jit
+def _fused_forward_kernel(
+    H_ptr, W_ptr, B_ptr, ROW_ptr, Y_ptr, LOGP_ptr, LSE_ptr, ENT_ptr,
+    R, Hdim, V, stride_h, stride_w, inv_temp,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = r < R
+    rows = tl.load(ROW_ptr + r, mask=r_ok, other=0)
+    y = tl.load(Y_ptr + r, mask=r_ok, other=0)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_M,), tl.float32)
+    t = tl.zeros((BLOCK_M,), tl.float32)
+    z_y = tl.zeros((BLOCK_M,), tl.float32)
+    vv = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        v = v0 + vv
+        v_ok = v < V
+        z = _logit_tile(H_ptr, W_ptr, B_ptr, rows, r_ok, v, v_ok, Hdim, stride_h, stride_w, inv_temp,
+                        HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+        z = tl.where(v_ok[None, :], z, float("-inf"))
+        z_y += tl.sum(tl.where(v[None, :] == y[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])
+        s = s * alpha + tl.sum(e, axis=1)
+        if WITH_ENTROPY:
+            t = t * alpha + tl.sum(e * tl.where(v_ok[None, :], z, 0.0), axis=1)
+        m = m_new
+    lse = m + tl.log(s)
+    tl.store(LOGP_ptr + r, z_y - lse, mask=r_ok)
+    tl.store(LSE_ptr + r, lse, mask=r_ok)
+    if WITH_ENTROPY:
+        tl.store(ENT_ptr + r, lse - t / s, mask=r_ok)
+
+
+@triton.autotune(configs=backward_configs(), key=["Hdim", "V"], reset_to_zero=["DH_ptr", "DW_ptr", "DB_ptr"])
+@triton.jit
+def _fused_backward_kernel(
+    H_ptr, W_ptr, B_ptr, ROW_ptr, Y_ptr, LSE_ptr, COEF_ptr, DH_ptr, DW_ptr, DB_ptr,
+    R, Hdim, V, stride_h, stride_w, inv_temp,
+    HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    r_ok = r < R
+    v_ok = v < V
+    rows = tl.load(ROW_ptr + r, mask=r_ok, other=0)
+    y = tl.load(Y_ptr + r, mask=r_ok, other=0)
+    lse = tl.load(LSE_ptr + r, mask=r_ok, other=0.0)
+    # d/dL of coef * -log softmax(L / T)[y] = coef / T * (p - onehot); masked rows get coef 0
+    c = tl.load(COEF_ptr + r, mask=r_ok, other=0.0).to(tl.float32) * inv_temp
+    z = _logit_tile(H_ptr, W_ptr, B_ptr, rows, r_ok, v, v_ok, Hdim, stride_h, stride_w, inv_temp,
+                    HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+    p = tl.exp(z - lse[:, None])
+    g = c[:, None] * (p - tl.where(v[None, :] == y[:, None], 1.0, 0.0))
+    g = tl.where(r_ok[:, None] & v_ok[None, :], g, 0.0)
+    if NEED_DB:
+        tl.atomic_add(DB_ptr + v, tl.sum(g, axis=0), mask=v_ok)
+    if UPCAST:
+        g_dot = g
+    else:
+        g_dot = g.to(W_ptr.dtype.element_ty)  # bf16 tensor cores on a GPU
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, Hdim, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < Hdim
+        if NEED_DH:
+            w = tl.load(W_ptr + v[:, None] * stride_w + k[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            dh = tl.dot(g_dot, w, input_precision=PRECISION)
+            tl.atomic_add(DH_ptr + r[:, None] * Hdim + k[None, :], dh, mask=r_ok[:, None] & k_ok[None, :])
+        if NEED_DW:
+            h = tl.load(H_ptr + rows[:, None] * stride_h + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+            dw = tl.dot(tl.trans(g_dot), h, input_precision=PRECISION)
+            tl.atomic_add(DW_ptr + v[:, None] * Hdim + k[None, :], dw, mask=v_ok[:, None] & k_ok[None, :])
+
+
+def _flags(hidden: torch.Tensor):
+    upcast = interpreting() or hidden.dtype == torch.float32
+    return upcast, "ieee"
+
+
+def fused_lse_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    row_index: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(logp, lse, entropy or None), (R,) float32, for tokens hidden[row_index] -> labels."""
+    R = row_index.numel()
+    Hdim, V = hidden.shape[1], weight.shape[0]
+    dev = hidden.device
+    logp = torch.empty(R, dtype=torch.float32, device=dev)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if with_entropy else lse
+    if R == 0:
+        return logp, lse, (ent if with_entropy else None)
+    assert hidden.stride(1) == 1 and weight.stride(1) == 1
+    upcast, precision = _flags(hidden)
+    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]),)  # noqa: E731
+    _fused_forward_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, row_index, labels, logp, lse, ent,
+        R, Hdim, V, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=upcast, PRECISION=precision,
+    )
+    return logp, lse, (ent if with_entropy else None)
+
+
+def fused_recompute_backward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    row_index: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
+    need: Tuple[bool, bool, bool], temperature: float = 1.0,
+):
+    """fp32 (dh_compact (R, H) or None, dW (V, H) or None, db (V,) or None)."""
+    R = row_index.numel()
+    Hdim, V = hidden.shape[1], weight.shape[0]
+    dev = hidden.device
+    need_db = need[2] and bias is not None
+    dh = torch.zeros((R, Hdim), dtype=torch.float32, device=dev) if need[0] else None
+    dw = torch.zeros((V, Hdim), dtype=torch.float32, device=dev) if need[1] else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+    if R == 0 or not (need[0] or need[1] or need_db):
+        return dh, dw, db
+    upcast, precision = _flags(hidden)
+    # absent outputs get their own scratch: autotuning zeroes every DH/DW/DB argument
+    dummy = lambda: torch.zeros(1, dtype=torch.float32, device=dev)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(V, meta["BLOCK_V"]))  # noqa: E731
+    _fused_backward_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, row_index, labels, lse, coef,
+        dh if dh is not None else dummy(), dw if dw is not None else dummy(),
+        db if db is not None else dummy(),
+        R, Hdim, V, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+        HAS_BIAS=bias is not None, NEED_DH=need[0], NEED_DW=need[1], NEED_DB=need_db,
+        UPCAST=upcast, PRECISION=precision,
+    )
+    return dh, dw, db
