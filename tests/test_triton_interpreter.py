@@ -121,6 +121,21 @@ def test_row_kernels_match_log_softmax(interpreter, temperature):
     _close(d, want, 3e-5, "dlogits")
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fused_forward_vocab_splits(interpreter, splits):
+    """The fused forward with the vocabulary split over programs (one split left empty: 100
+    columns are two 64-wide tiles) merges its partials into the exact log-softmax."""
+    fused = interpreter["pear_kernels.kernels.triton_fused"]
+    hid, w, b, y, _ = _problem(12, torch.float32, n=18, masked=())
+    rows = torch.arange(1, 18, 2)
+    logp, lse, ent = fused.fused_lse_forward(hid, w, b, rows, y[rows], 1.1, True, v_splits=splits)
+    z = (hid[rows].double() @ w.double().t() + b.double()) / 1.1
+    ref = torch.log_softmax(z, 1)
+    _close(lse, torch.logsumexp(z, 1), 1e-6, "lse")
+    _close(logp, ref.gather(1, y[rows][:, None]).squeeze(1), 1e-5, "logp")
+    _close(ent, -(ref.exp() * ref).sum(1), 1e-5, "entropy")
+
+
 # ---------------------------------------------------------------- scan kernels
 
 

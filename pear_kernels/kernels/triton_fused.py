@@ -2,12 +2,13 @@
 that recomputes the logit tiles. No (tokens x vocab) tensor, not even a chunk of one, is ever
 written to global memory.
 
-Forward, one program per tile of BLOCK_M supervised tokens, streaming the vocabulary:
+Forward, one program per (tile of BLOCK_M supervised tokens, vocabulary split):
 
-    for each vocab tile [v0, v0 + BLOCK_V):
+    for each vocab tile [v0, v0 + BLOCK_V) of the split:
         z = (sum over H tiles of h[rows, k] @ W[v, k]^T  + b[v]) / T        (fp32 accumulator)
         online logsumexp (m, s), entropy accumulator t, target logit z[y] picked by column
-    lse = m + log s;  logp = z_y - lse;  entropy = lse - t / s
+    partials (m, s, t, z_y) per split, merged on the host side (a few (splits x R) ops):
+    lse = M + log S;  logp = z_y - lse;  entropy = lse - T / S
 
 FLOPs: 2 H per (token, vocab) pair, like the plain matmul; bytes: W is read once per token
 tile, so arithmetic intensity grows with BLOCK_M (see benchmarks/test_gpu_bench.py).
@@ -35,7 +36,9 @@ import triton.language as tl
 
 from .triton_utils import interpreting
 
-__all__ = ["fused_lse_forward", "fused_recompute_backward", "forward_configs", "backward_configs"]
+__all__ = [
+    "fused_lse_forward", "fused_recompute_backward", "forward_configs", "backward_configs", "vocab_splits",
+]
 
 
 def _cfg(bm, bv, bk, warps, stages):
@@ -96,16 +99,20 @@ def _logit_tile(H_ptr, W_ptr, B_ptr, rows, r_ok, v, v_ok, Hdim, stride_h, stride
     return acc * inv_temp
 
 
-@triton.autotune(configs=forward_configs(), key=["Hdim", "V"])
+@triton.autotune(configs=forward_configs(), key=["Hdim", "V", "SPLITS"])
 @triton.jit
 def _fused_forward_kernel(
-    H_ptr, W_ptr, B_ptr, ROW_ptr, Y_ptr, LOGP_ptr, LSE_ptr, ENT_ptr,
-    R, Hdim, V, stride_h, stride_w, inv_temp,
+    H_ptr, W_ptr, B_ptr, ROW_ptr, Y_ptr, M_ptr, S_ptr, T_ptr, ZY_ptr,
+    R, Hdim, V, SPLITS, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Partial softmax statistics of one token tile over one vocabulary split (flash-decoding
+    style): a few hundred token tiles cannot fill 132 SMs, so the vocabulary is split too and
+    the (m, s, t, z_y) partials are merged afterwards."""
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     r_ok = r < R
     rows = tl.load(ROW_ptr + r, mask=r_ok, other=0)
     y = tl.load(Y_ptr + r, mask=r_ok, other=0)
@@ -113,26 +120,32 @@ def _fused_forward_kernel(
     s = tl.zeros((BLOCK_M,), tl.float32)
     t = tl.zeros((BLOCK_M,), tl.float32)
     z_y = tl.zeros((BLOCK_M,), tl.float32)
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), SPLITS)
+    v_lo = split * tiles_per_split * BLOCK_V
+    v_hi = tl.minimum(V, v_lo + tiles_per_split * BLOCK_V)
     vv = tl.arange(0, BLOCK_V)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         v = v0 + vv
-        v_ok = v < V
+        v_ok = v < v_hi
         z = _logit_tile(H_ptr, W_ptr, B_ptr, rows, r_ok, v, v_ok, Hdim, stride_h, stride_w, inv_temp,
                         HAS_BIAS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
         z = tl.where(v_ok[None, :], z, float("-inf"))
         z_y += tl.sum(tl.where(v[None, :] == y[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
+        # a row's first tile: m = -inf and m_new finite, so alpha = 0 and the empty sums vanish
         alpha = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])
         s = s * alpha + tl.sum(e, axis=1)
         if WITH_ENTROPY:
+            # masked columns: e = 0 and z = -inf; zero z first so 0 * -inf never makes a NaN
             t = t * alpha + tl.sum(e * tl.where(v_ok[None, :], z, 0.0), axis=1)
         m = m_new
-    lse = m + tl.log(s)
-    tl.store(LOGP_ptr + r, z_y - lse, mask=r_ok)
-    tl.store(LSE_ptr + r, lse, mask=r_ok)
+    out = split * R + r
+    tl.store(M_ptr + out, m, mask=r_ok)
+    tl.store(S_ptr + out, s, mask=r_ok)
+    tl.store(ZY_ptr + out, z_y, mask=r_ok)
     if WITH_ENTROPY:
-        tl.store(ENT_ptr + r, lse - t / s, mask=r_ok)
+        tl.store(T_ptr + out, t, mask=r_ok)
 
 
 @triton.autotune(configs=backward_configs(), key=["Hdim", "V"], reset_to_zero=["DH_ptr", "DW_ptr", "DB_ptr"])
@@ -183,33 +196,70 @@ def _fused_backward_kernel(
 
 
 def _flags(hidden: torch.Tensor):
-    upcast = interpreting() or hidden.dtype == torch.float32
-    return upcast, "ieee"
+    """(UPCAST, dot precision). fp32 operands follow torch's matmul TF32 switch, so the fused
+    kernels agree with what torch.mm would do on the same tensors."""
+    if interpreting():
+        return True, "ieee"
+    if hidden.dtype == torch.float32:
+        return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return False, "ieee"  # 16-bit operands: tensor cores, fp32 accumulation
+
+
+# Smallest BLOCK_M among the GPU configs (sizes the split count before autotuning picks one)
+_MIN_BLOCK_M = 64
+# Each vocabulary split should stream at least this many columns to amortise reading its
+# token tile and writing four partials per row.
+_MIN_SPLIT_COLUMNS = 4096
+
+
+def vocab_splits(rows: int, vocab: int, device: torch.device) -> int:
+    """Vocabulary splits of the fused forward: about two programs per SM in all."""
+    if interpreting() or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_tiles = triton.cdiv(max(rows, 1), _MIN_BLOCK_M)
+    return int(max(1, min(triton.cdiv(2 * sms, row_tiles), vocab // _MIN_SPLIT_COLUMNS)))
 
 
 def fused_lse_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     row_index: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-    with_entropy: bool = False,
+    with_entropy: bool = False, v_splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(logp, lse, entropy or None), (R,) float32, for tokens hidden[row_index] -> labels."""
+    """(logp, lse, entropy or None), (R,) float32, for tokens hidden[row_index] -> labels.
+
+    The partials of the vocabulary splits merge as in a logsumexp of logsumexps:
+        M = max_k m_k,  S = sum_k s_k e^(m_k - M),  lse = M + log S,
+        E_p[z] = sum_k t_k e^(m_k - M) / S,  z_y = sum_k z_y,k (only y's split is nonzero).
+    """
     R = row_index.numel()
     Hdim, V = hidden.shape[1], weight.shape[0]
     dev = hidden.device
-    logp = torch.empty(R, dtype=torch.float32, device=dev)
-    lse = torch.empty_like(logp)
-    ent = torch.empty_like(logp) if with_entropy else lse
     if R == 0:
-        return logp, lse, (ent if with_entropy else None)
+        empty = torch.empty(0, dtype=torch.float32, device=dev)
+        return empty, empty.clone(), (empty.clone() if with_entropy else None)
     assert hidden.stride(1) == 1 and weight.stride(1) == 1
+    splits = int(v_splits) if v_splits is not None else vocab_splits(R, V, dev)
+    part = torch.empty((4, splits, R), dtype=torch.float32, device=dev)
+    m_p, s_p, t_p, zy_p = part.unbind(0)
     upcast, precision = _flags(hidden)
-    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), splits)  # noqa: E731
     _fused_forward_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, row_index, labels, logp, lse, ent,
-        R, Hdim, V, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+        hidden, weight, bias if bias is not None else weight, row_index, labels, m_p, s_p, t_p, zy_p,
+        R, Hdim, V, splits, hidden.stride(0), weight.stride(0), 1.0 / temperature,
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=upcast, PRECISION=precision,
     )
-    return logp, lse, (ent if with_entropy else None)
+    if splits == 1:
+        m, s, zy = m_p[0], s_p[0], zy_p[0]
+        lse = m + torch.log(s)
+        ent = lse - t_p[0] / s if with_entropy else None
+        return zy - lse, lse, ent
+    m = m_p.amax(dim=0)
+    scale = torch.exp(m_p - m)  # empty splits: m_k = -inf -> 0
+    s = (s_p * scale).sum(dim=0)
+    lse = m + torch.log(s)
+    ent = lse - (t_p * scale).sum(dim=0) / s if with_entropy else None
+    return zy_p.sum(dim=0) - lse, lse, ent
 
 
 def fused_recompute_backward(

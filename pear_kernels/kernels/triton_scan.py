@@ -54,7 +54,8 @@ WEIGHT_BLOCK = 1024
 
 @triton.jit
 def _segmented_add(va, fa, vb, fb):
-    return tl.where(fb, vb, va + vb), fa | fb
+    # flags are int32 (0/1), not i1: scans over 1-bit tuples are a rarely exercised codegen path
+    return tl.where(fb != 0, vb, va + vb), fa | fb
 
 
 @triton.jit
@@ -73,7 +74,7 @@ def _pear_scan_kernel(
     d = tl.minimum(tl.maximum(logp - beh, delta_lo), delta_hi)
     d = tl.where(valid, d, 0.0)
     seq_end = tl.load(SEQ_END_ptr + i_safe, mask=valid, other=0)
-    starts = (seq_end == i_safe + 1) & valid
+    starts = ((seq_end == i_safe + 1) & valid).to(tl.int32)
     suffix, _ = tl.associative_scan((d, starts), 0, _segmented_add)
     carry_ok = end < M
     carry = tl.load(INCL_ptr + end, mask=carry_ok, other=0.0)
@@ -126,7 +127,7 @@ def pear_scan_(
     _pear_scan_kernel[(1,)](
         logp_chunk, behavior, layout.seq_end, d, incl,
         start, end, d.numel(), lo, hi,
-        BLOCK=next_pow2(end - start), num_warps=4,
+        BLOCK=next_pow2(end - start), num_warps=4 if end - start <= 2048 else 8,
     )
 
 
