@@ -42,6 +42,17 @@ FUSED_ENV_VAR = "PEAR_KERNELS_TRITON_FUSED"
 # flags over 4 warps is 32 + 32 registers per thread, within budget; longer runs carry.
 SCAN_ROWS = 4096
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Each chunk's dW += dlogits^T h reads and writes the fp32 dW (8 V H bytes) for 2 V H rows
+# FLOPs: rows / 4 FLOP per byte. Under ~1200 rows that is below an H100's ridge point
+# (989 TFLOP/s / 3.35 TB/s = 295), i.e. memory-bound, so on a GPU chunks get at least 1024
+# rows (0.9 GiB of fp32 + bf16 logits at V = 152k) unless the caller sets chunk_size.
+GPU_MIN_CHUNK_ROWS = 1024
+
+
+def _rows(problem: PEARProblem) -> int:
+    if problem.chunk_size is not None or problem.hidden.device.type != "cuda":
+        return problem.rows()
+    return max(problem.rows(), GPU_MIN_CHUNK_ROWS)
 
 
 def _use_fused(fused: Optional[bool]) -> bool:
@@ -135,7 +146,7 @@ def _chunked_logprobs(problem: PEARProblem) -> torch.Tensor:
     m = problem.layout.num_supervised
     out = torch.empty(m, dtype=torch.float32, device=problem.hidden.device)
     h, y_all = _hidden(problem), _compact_labels(problem)
-    for start, end in _chunks_from_end(m, problem.rows()):
+    for start, end in _chunks_from_end(m, _rows(problem)):
         logits = _logits_chunk(problem, h[problem.layout.sup_index[start:end]])
         out[start:end], _, _ = row_stats(logits, y_all[start:end], problem.temperature)
     return out
@@ -187,7 +198,7 @@ def forward(
         grads = _fused_grads(problem, lse, coef, need) if want_grads else None
         return _finish(problem, logp, behavior, log_w_raw, grads)
 
-    rows = problem.rows()
+    rows = _rows(problem)
     # The sequence weight needs every log-prob of its sequence before any of its gradients.
     weights_known = config.variant is Variant.SEQUENCE and m > rows
     coef_all = None
@@ -231,7 +242,7 @@ def backward(
     layout = problem.layout
     sink = _ChunkGrads(problem, need)
     h, y_all = _hidden(problem), _compact_labels(problem)
-    for start, end in _chunks_from_end(layout.num_supervised, problem.rows()):
+    for start, end in _chunks_from_end(layout.num_supervised, _rows(problem)):
         token_rows = layout.sup_index[start:end]
         h_c = h[token_rows]
         y = y_all[start:end]
