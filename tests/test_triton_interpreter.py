@@ -201,6 +201,19 @@ def test_loss_and_grads_match_reference_packed(tp, monkeypatch, variant, dtype, 
         _close(gt, gr, tol_g, name)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["chunked", "fused"])
+def test_float16_inputs(tp, monkeypatch, fused):
+    monkeypatch.setenv("PEAR_KERNELS_TRITON_FUSED", "1" if fused else "0")
+    hid, w, b, y, beh = _problem(13, torch.float16, n=21)
+    kw = dict(variant="block", block_size=3, cu_seqlens=torch.tensor([0, 8, 21]))
+    loss, grads = _run(fused_pear_loss, hid, w, b, y, beh, chunk_size=5, backend="triton", **kw)
+    truth = dict(compute_dtype=torch.float64) if fused else {}
+    ref, ref_grads = _run(reference_pear_loss, hid, w, b, y, beh, **kw, **truth)
+    _close(loss, ref, 2e-5 if fused else 2e-4, "loss")
+    for name, gt, gr in zip(("dh", "dW", "db"), grads, ref_grads):
+        _close(gt, gr, 2e-3, name)  # fp16: 2^-11 per rounding
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", ["token", "block", "sequence"])
