@@ -85,11 +85,12 @@ def _logit_tile(H_ptr, W_ptr, B_ptr, rows, r_ok, v, v_ok, Hdim, stride_h, stride
     """z = (h[rows] @ W[v]^T + b[v]) / T as an fp32 (BLOCK_M, BLOCK_V) tile."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
     kk = tl.arange(0, BLOCK_K)
+    v_off = v.to(tl.int64)[:, None] * stride_w  # V * H passes 2^31 for large heads
     for k0 in range(0, Hdim, BLOCK_K):
         k = k0 + kk
         k_ok = k < Hdim
         h = tl.load(H_ptr + rows[:, None] * stride_h + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(W_ptr + v[:, None] * stride_w + k[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W_ptr + v_off + k[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -178,21 +179,23 @@ def _fused_backward_kernel(
     else:
         g_dot = g.to(W_ptr.dtype.element_ty)  # bf16 tensor cores on a GPU
     kk = tl.arange(0, BLOCK_K)
+    v64 = v.to(tl.int64)[:, None]
+    r64 = r.to(tl.int64)[:, None]
     for k0 in range(0, Hdim, BLOCK_K):
         k = k0 + kk
         k_ok = k < Hdim
         if NEED_DH:
-            w = tl.load(W_ptr + v[:, None] * stride_w + k[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W_ptr + v64 * stride_w + k[None, :], mask=v_ok[:, None] & k_ok[None, :], other=0.0)
             if UPCAST:
                 w = w.to(tl.float32)
             dh = tl.dot(g_dot, w, input_precision=PRECISION)
-            tl.atomic_add(DH_ptr + r[:, None] * Hdim + k[None, :], dh, mask=r_ok[:, None] & k_ok[None, :])
+            tl.atomic_add(DH_ptr + r64 * Hdim + k[None, :], dh, mask=r_ok[:, None] & k_ok[None, :])
         if NEED_DW:
             h = tl.load(H_ptr + rows[:, None] * stride_h + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             if UPCAST:
                 h = h.to(tl.float32)
             dw = tl.dot(tl.trans(g_dot), h, input_precision=PRECISION)
-            tl.atomic_add(DW_ptr + v[:, None] * Hdim + k[None, :], dw, mask=v_ok[:, None] & k_ok[None, :])
+            tl.atomic_add(DW_ptr + v64 * Hdim + k[None, :], dw, mask=v_ok[:, None] & k_ok[None, :])
 
 
 def _flags(hidden: torch.Tensor):
@@ -202,7 +205,9 @@ def _flags(hidden: torch.Tensor):
         return True, "ieee"
     if hidden.dtype == torch.float32:
         return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return False, "ieee"  # 16-bit operands: tensor cores, fp32 accumulation
+    # 16-bit operands: tensor cores with fp32 accumulation; the precision flag only concerns fp32
+    # operands, so keep Triton's default for them
+    return False, "tf32"
 
 
 # Smallest BLOCK_M among the GPU configs (sizes the split count before autotuning picks one)

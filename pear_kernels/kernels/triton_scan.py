@@ -58,7 +58,8 @@ def _segmented_add(va, fa, vb, fb):
     return tl.where(fb != 0, vb, va + vb), fa | fb
 
 
-@triton.jit
+# start/end change with every chunk: no value specialisation (and no recompile) on them
+@triton.jit(do_not_specialize=["start", "end", "M"])
 def _pear_scan_kernel(
     LOGP_ptr, BEH_ptr, SEQ_END_ptr, D_ptr, INCL_ptr,
     start, end, M, delta_lo, delta_hi,
@@ -83,7 +84,7 @@ def _pear_scan_kernel(
     tl.store(INCL_ptr + i_safe, suffix, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start", "end"])
 def _pear_weights_kernel(
     D_ptr, INCL_ptr, N_AFTER_ptr, BLOCK_END_ptr, SEQ_START_ptr,
     LOGW_RAW_ptr, COEF_ptr,
