@@ -35,12 +35,9 @@ from .triton_fused import fused_lse_forward, fused_recompute_backward
 from .triton_rows import row_dlogits_, row_stats
 from .triton_scan import pear_log_weights, pear_scan_
 
-__all__ = ["forward", "backward", "token_logprobs", "FUSED_ENV_VAR", "SCAN_ROWS"]
+__all__ = ["forward", "backward", "token_logprobs", "FUSED_ENV_VAR", "GPU_MIN_CHUNK_ROWS"]
 
 FUSED_ENV_VAR = "PEAR_KERNELS_TRITON_FUSED"
-# Tokens per scan program when no logits chunk dictates the split: 4096 fp64 values and
-# flags over 4 warps is 32 + 32 registers per thread, within budget; longer runs carry.
-SCAN_ROWS = 4096
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Each chunk's dW += dlogits^T h reads and writes the fp32 dW (8 V H bytes) for 2 V H rows
 # FLOPs: rows / 4 FLOP per byte. Under ~1200 rows that is below an H100's ridge point
@@ -91,8 +88,7 @@ def _fused_logprobs(problem: PEARProblem, with_entropy: bool = False):
 
 
 def _scan_all(problem, logp, behavior, d, incl) -> None:
-    for start, end in _chunks_from_end(logp.numel(), SCAN_ROWS):
-        pear_scan_(logp[start:end], behavior, problem.layout, problem.config, d, incl, start, end)
+    pear_scan_(logp, behavior, problem.layout, problem.config, d, incl, 0, logp.numel())
 
 
 def _fused_grads(problem: PEARProblem, lse, coef, need) -> Grads:

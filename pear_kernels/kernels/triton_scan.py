@@ -37,6 +37,8 @@ after a block-wide barrier; the second launch makes the ordering explicit and co
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -45,7 +47,7 @@ from ..config import PEARConfig, Variant
 from ..weights import SequenceLayout
 from .triton_utils import next_pow2
 
-__all__ = ["pear_scan_", "pear_log_weights", "VARIANT_CODES"]
+__all__ = ["pear_scan_", "pear_log_weights", "scan_params", "VARIANT_CODES"]
 
 VARIANT_CODES = {Variant.NONE: 0, Variant.TOKEN: 1, Variant.BLOCK: 2, Variant.SEQUENCE: 3}
 # Elementwise tile of the weight kernel: 1024 fp64 over 4 warps is 8 per thread.
@@ -61,8 +63,8 @@ def _segmented_add(va, fa, vb, fb):
 # start/end change with every chunk: no value specialisation (and no recompile) on them
 @triton.jit(do_not_specialize=["start", "end", "M"])
 def _pear_scan_kernel(
-    LOGP_ptr, BEH_ptr, SEQ_END_ptr, D_ptr, INCL_ptr,
-    start, end, M, delta_lo, delta_hi,
+    LOGP_ptr, BEH_ptr, SEQ_END_ptr, D_ptr, INCL_ptr, PARAMS_ptr,
+    start, end, M,
     BLOCK: tl.constexpr,
 ):
     k = tl.arange(0, BLOCK)
@@ -72,6 +74,8 @@ def _pear_scan_kernel(
     i_safe = tl.where(valid, i, start)
     logp = tl.load(LOGP_ptr + (i_safe - start), mask=valid, other=0.0).to(tl.float64)
     beh = tl.load(BEH_ptr + i_safe, mask=valid, other=0.0).to(tl.float64)
+    delta_lo = tl.load(PARAMS_ptr + 0)
+    delta_hi = tl.load(PARAMS_ptr + 1)
     d = tl.minimum(tl.maximum(logp - beh, delta_lo), delta_hi)
     d = tl.where(valid, d, 0.0)
     seq_end = tl.load(SEQ_END_ptr + i_safe, mask=valid, other=0)
@@ -87,12 +91,15 @@ def _pear_scan_kernel(
 @triton.jit(do_not_specialize=["start", "end"])
 def _pear_weights_kernel(
     D_ptr, INCL_ptr, N_AFTER_ptr, BLOCK_END_ptr, SEQ_START_ptr,
-    LOGW_RAW_ptr, COEF_ptr,
-    start, end, log_gamma, logw_lo, logw_hi, scale,
+    LOGW_RAW_ptr, COEF_ptr, PARAMS_ptr,
+    start, end, scale,
     VARIANT: tl.constexpr, WRITE_COEF: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = start + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = i < end
+    log_gamma = tl.load(PARAMS_ptr + 2)
+    logw_lo = tl.load(PARAMS_ptr + 3)
+    logw_hi = tl.load(PARAMS_ptr + 4)
     if VARIANT == 0:
         log_g = tl.zeros((BLOCK,), tl.float64)
     elif VARIANT == 3:
@@ -114,6 +121,25 @@ def _pear_weights_kernel(
         tl.store(COEF_ptr + (i - start), coef, mask=valid)
 
 
+# Tokens per scan program. An (fp64, int32) pair per token: ptxas reports no spills up to
+# 4096 tokens at 8 warps, and spills at 8192 even with 16 warps, so longer ranges are scanned
+# in pieces from their end, joined by the same carry that joins chunks.
+MAX_SCAN_BLOCK = 4096
+
+
+def _scan_warps(n: int) -> int:
+    return 4 if n <= 2048 else 8
+
+
+@functools.lru_cache(maxsize=64)
+def scan_params(config: PEARConfig, device) -> torch.Tensor:
+    """The float constants of the scan as a float64 tensor: scalar kernel arguments would be
+    rounded to fp32 (0.3, log 0.999), and the weights must match weights.py to ~1e-15."""
+    return torch.tensor(
+        [*config.delta_clip, config.log_gamma, *config.log_weight_clip], dtype=torch.float64, device=device
+    )
+
+
 def pear_scan_(
     logp_chunk: torch.Tensor, behavior: torch.Tensor, layout: SequenceLayout,
     config: PEARConfig, d: torch.Tensor, incl: torch.Tensor, start: int, end: int,
@@ -122,14 +148,16 @@ def pear_scan_(
 
     ``behavior`` is the (M,) compact behavior log-probs; incl[end] (if end < M) must be final.
     """
-    if end <= start:
-        return
-    lo, hi = config.delta_clip
-    _pear_scan_kernel[(1,)](
-        logp_chunk, behavior, layout.seq_end, d, incl,
-        start, end, d.numel(), lo, hi,
-        BLOCK=next_pow2(end - start), num_warps=4 if end - start <= 2048 else 8,
-    )
+    params = scan_params(config, d.device)
+    hi = end
+    while hi > start:
+        lo = max(start, hi - MAX_SCAN_BLOCK)
+        _pear_scan_kernel[(1,)](
+            logp_chunk[lo - start:], behavior, layout.seq_end, d, incl, params,
+            lo, hi, d.numel(),
+            BLOCK=next_pow2(hi - lo), num_warps=_scan_warps(hi - lo),
+        )
+        hi = lo
 
 
 def pear_log_weights(
@@ -140,7 +168,6 @@ def pear_log_weights(
     (end - start,) float32 coef = exp(clipped log G) * coef_scale."""
     if end <= start:
         return torch.empty(0, dtype=torch.float32, device=d.device) if coef_scale is not None else None
-    lo, hi = config.log_weight_clip
     coef = (
         torch.empty(end - start, dtype=torch.float32, device=d.device)
         if coef_scale is not None else log_w_raw
@@ -148,8 +175,8 @@ def pear_log_weights(
     block = min(WEIGHT_BLOCK, next_pow2(end - start))
     _pear_weights_kernel[(triton.cdiv(end - start, block),)](
         d, incl, layout.n_after, layout.block_end, layout.seq_start,
-        log_w_raw, coef,
-        start, end, config.log_gamma, lo, hi, float(coef_scale or 0.0),
+        log_w_raw, coef, scan_params(config, d.device),
+        start, end, float(coef_scale or 0.0),
         VARIANT=VARIANT_CODES[config.variant], WRITE_COEF=coef_scale is not None,
         BLOCK=block, num_warps=4,
     )

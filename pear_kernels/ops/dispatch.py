@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from types import ModuleType
 from typing import Optional
 
@@ -45,6 +46,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
+def _triton_imported_compiled() -> bool:
+    """True if triton was imported without TRITON_INTERPRET: its @jit standard library is then
+    compiled-only and the interpreter cannot run kernels in this process."""
+    lang = sys.modules.get("triton.language")
+    if lang is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return not isinstance(getattr(lang, "zeros", None), InterpretedFunction)
+
+
 def _triton_backend() -> ModuleType:
     try:
         return importlib.import_module("pear_kernels.kernels.triton_pear")
@@ -73,6 +85,11 @@ def select_backend(device: torch.device, override: Optional[str] = None) -> Modu
             raise RuntimeError(
                 "backend 'triton' on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before importing triton, or use backend='torch' (or move the tensors to CUDA)"
+            )
+        if _triton_imported_compiled():
+            raise RuntimeError(
+                "backend 'triton' on CPU tensors: TRITON_INTERPRET=1 must be set before triton is "
+                "first imported in the process (it was imported without it)"
             )
     elif device.type != "cuda":
         raise RuntimeError(f"backend 'triton' supports CUDA (or CPU under TRITON_INTERPRET=1), got {device}")
