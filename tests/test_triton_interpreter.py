@@ -305,6 +305,19 @@ def test_extreme_logits_and_confident_teacher_stay_finite(tp):
         _close(gt, gr, 1e-4, name)
 
 
+def test_behavior_logprob_minus_infinity(tp):
+    """log pi_beta = -inf (the behavior policy gave the token probability 0): the log-ratio is
+    +inf and the per-decision clip must turn it into delta_max, not a NaN."""
+    hid, w, b, y, beh = _problem(14, torch.float32, n=16)
+    beh[[3, 9, 15]] = float("-inf")
+    kw = dict(variant="block", block_size=2)
+    loss, grads = _run(fused_pear_loss, hid, w, b, y, beh, chunk_size=5, backend="triton", **kw)
+    ref, ref_grads = _run(reference_pear_loss, hid, w, b, y, beh, compute_dtype=torch.float64, **kw)
+    _close(loss, ref, 2e-5, "loss")
+    for name, gt, gr in zip(("dh", "dW", "db"), grads, ref_grads):
+        _close(gt, gr, 2e-5, name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_token_logprobs_and_entropy(tp, dtype):
     hid, w, b, y, _ = _problem(8, dtype, n=21, v=90)
