@@ -16,8 +16,8 @@ Gradients, two paths:
 - fused (``fused=True`` or PEAR_KERNELS_TRITON_FUSED=1): fused forward over all tokens, the scan,
   then the recompute backward. 4 matmuls, no logits buffer at all; untimed on a GPU, so opt-in.
 
-float64 problems are handed to torch_chunked: Triton's fp64 dot has no tensor-core path worth
-a kernel, and fp64 is only used for oracles.
+float64 problems are handed to torch_chunked: fp64 serves oracles and tests, not training, and
+the kernels here keep their softmax state in fp32.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ __all__ = ["forward", "backward", "token_logprobs", "FUSED_ENV_VAR", "GPU_MIN_CH
 FUSED_ENV_VAR = "PEAR_KERNELS_TRITON_FUSED"
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Each chunk's dW += dlogits^T h reads and writes the fp32 dW (8 V H bytes) for 2 V H rows
-# FLOPs: rows / 4 FLOP per byte. Under ~1200 rows that is below an H100's ridge point
-# (989 TFLOP/s / 3.35 TB/s = 295), i.e. memory-bound, so on a GPU chunks get at least 1024
-# rows (0.9 GiB of fp32 + bf16 logits at V = 152k) unless the caller sets chunk_size.
+# FLOPs: rows / 4 FLOP per byte. The default 256 MiB budget gives ~440 rows at V = 152k
+# (110 FLOP/byte), far under an H100's ridge point (989 TFLOP/s / 3.35 TB/s = 295), i.e.
+# memory-bound; 1024 rows reach 256 FLOP/byte for 0.9 GiB of fp32 + bf16 logits, so on a GPU
+# chunks get at least that many rows unless the caller sets chunk_size.
 GPU_MIN_CHUNK_ROWS = 1024
 
 
