@@ -5,9 +5,9 @@ one (the dispatcher imports them lazily), so ``import pear_kernels`` never needs
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors, one program at a time in NumPy.
 Two of the interpreter's limits shape the kernels:
-- 16-bit loads must be cast to float32 at once (bf16 arithmetic is wrong there), so every
-  kernel takes an ``UPCAST`` flag that is True under the interpreter. On a GPU, bf16 tiles go
-  to tl.dot natively (tensor cores, fp32 accumulation).
+- 16-bit loads must be cast to float32 at once (bf16 arithmetic is wrong there), so the fused
+  kernels take an ``UPCAST`` flag that is True under the interpreter. On a GPU, bf16 tiles go
+  to tl.dot natively (tensor cores, fp32 accumulation). The row kernels only read fp32.
 - @triton.autotune with several configs fails, so the interpreter gets a single config.
 """
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
+import triton.language as tl
 
-__all__ = ["interpreting", "dot_precision", "next_pow2", "ROW_WARPS"]
+__all__ = ["interpreting", "next_pow2", "ROW_WARPS"]
 
 # A warp of 32 threads holding 4 contiguous fp32 each covers 128 columns; 4 warps per row
 # program stream a 2048-wide vocabulary tile through registers without spilling.
@@ -26,18 +26,17 @@ ROW_WARPS = 4
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (read at launch time)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+    """True when Triton runs kernels in its CPU interpreter.
 
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot precision for inputs of ``dtype``.
-
-    fp32 inputs use "ieee": torch.mm in fp32 does not use TF32 by default, and the oracle
-    comparison (and users' expectations of an fp32 model) need the full mantissa. 16-bit
-    inputs run on tensor cores either way; the flag only matters for fp32 operands.
+    Triton fixes that when it is first imported (TRITON_INTERPRET=1 then turns its @jit
+    standard library into interpreted functions), so the standard library is asked, not the
+    environment, which may have changed since.
     """
-    return "ieee" if dtype in (torch.float32, torch.float64) or interpreting() else "tf32"
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - a triton without the interpreter module
+        return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+    return isinstance(getattr(tl, "zeros", None), InterpretedFunction)
 
 
 def next_pow2(n: int) -> int:
