@@ -110,7 +110,7 @@ def _logit_tile(H_ptr, W_ptr, B_ptr, rows, r_ok, v, v_ok, Hdim, stride_h, stride
     return acc * inv_temp
 
 
-@triton.autotune(configs=forward_configs(), key=["Hdim", "V", "SPLITS"])
+@triton.autotune(configs=forward_configs(), key=["Hdim", "V"])  # not SPLITS: it varies with R
 @triton.jit
 def _fused_forward_kernel(
     H_ptr, W_ptr, B_ptr, ROW_ptr, Y_ptr, M_ptr, S_ptr, T_ptr, ZY_ptr,
