@@ -1,4 +1,12 @@
-"""Shared builders for the core tests: random PEAR problems with prompts, gaps and padding."""
+"""Session-wide test setup and shared builders: random PEAR problems with prompts, gaps, padding.
+
+Triton decides when it is first imported whether @jit code (its own standard library
+included) is compiled or run by its CPU interpreter. Without a GPU only the interpreter can
+run Triton kernels, so it is chosen here, before any test module imports triton
+(tests/test_triton_interpreter.py runs the kernels under it; tests/test_triton_compile.py
+compiles them in a child process without it). With CUDA nothing is set and the interpreter
+tests skip unless TRITON_INTERPRET=1 is given.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +15,8 @@ import os
 import pytest
 import torch
 
-# The interpreter must be chosen before triton is imported anywhere in the session.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def make_problem(

@@ -1,12 +1,19 @@
 """Backend selection: which kernel module computes a problem on a given device.
 
-``PEAR_KERNELS_BACKEND`` = ``auto`` (default) | ``torch`` | ``triton`` overrides the choice.
+``PEAR_KERNELS_BACKEND`` = ``auto`` (default) | ``torch`` | ``triton`` overrides the choice;
+a ``backend=`` argument overrides the variable.
 ``auto`` picks Triton for CUDA tensors when it is installed, the chunked PyTorch path otherwise.
+``triton`` on CPU tensors means Triton's CPU interpreter, which needs TRITON_INTERPRET=1
+(the variable decides, when the kernels are first imported, whether they are compiled or
+interpreted). Triton is optional: it is imported only when a Triton backend is chosen.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 from types import ModuleType
 from typing import Optional
 
@@ -14,9 +21,9 @@ import torch
 
 from ..kernels import torch_chunked
 
-__all__ = ["BACKENDS", "select_backend", "requested_backend"]
+__all__ = ["BACKENDS", "select_backend", "requested_backend", "triton_available"]
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "PEAR_KERNELS_BACKEND"
 
 
@@ -27,7 +34,63 @@ def requested_backend(override: Optional[str] = None) -> str:
     return name
 
 
+def triton_available() -> bool:
+    """Whether triton can be imported (without importing it when it is absent)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def _triton_imported_compiled() -> bool:
+    """True if triton was imported without TRITON_INTERPRET: its @jit standard library is then
+    compiled-only and the interpreter cannot run kernels in this process."""
+    lang = sys.modules.get("triton.language")
+    if lang is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return not isinstance(getattr(lang, "zeros", None), InterpretedFunction)
+
+
+def _triton_backend() -> ModuleType:
+    try:
+        return importlib.import_module("pear_kernels.kernels.triton_pear")
+    except ImportError as exc:
+        if "triton" in str(exc).lower() and not triton_available():
+            raise ImportError(
+                "the triton backend needs triton: pip install pear_kernels[triton]"
+            ) from exc
+        raise
+
+
 def select_backend(device: torch.device, override: Optional[str] = None) -> ModuleType:
     """The kernel module for tensors on ``device``."""
-    requested_backend(override)
-    return torch_chunked
+    name = requested_backend(override)
+    device = torch.device(device)
+    if name == "torch":
+        return torch_chunked
+    if name == "auto":
+        if device.type == "cuda" and triton_available():
+            return _triton_backend()
+        return torch_chunked
+    if not triton_available():
+        raise ImportError("backend 'triton' needs triton: pip install pear_kernels[triton]")
+    if device.type == "cpu":
+        if not _interpreting():
+            raise RuntimeError(
+                "backend 'triton' on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before importing triton, or use backend='torch' (or move the tensors to CUDA)"
+            )
+        if _triton_imported_compiled():
+            raise RuntimeError(
+                "backend 'triton' on CPU tensors: TRITON_INTERPRET=1 must be set before triton is "
+                "first imported in the process (it was imported without it)"
+            )
+    elif device.type != "cuda":
+        raise RuntimeError(f"backend 'triton' supports CUDA (or CPU under TRITON_INTERPRET=1), got {device}")
+    return _triton_backend()
