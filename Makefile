@@ -9,14 +9,14 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 
 .PHONY: test demo bench lint clean
 
-$(VENV)/.base: setup.py
+$(VENV)/.base: setup.py csrc/pear_rows.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_PIN)
-	$(PIP) -e .
+	$(PIP) --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.full: $(VENV)/.base setup.py
-	$(PIP) -e ".[dev,hf,triton,bench]"
+	$(PIP) --no-build-isolation -e ".[dev,hf,triton,bench]"
 	touch $@
 
 test: $(VENV)/.full

@@ -21,6 +21,42 @@ extras = {
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 
+
+def native_extension():
+    """The optional C++ row-pass extension (csrc/), built when torch is importable here.
+
+    Under pip's default build isolation torch is absent from the build environment and the
+    package installs as pure Python (the PyTorch path is used); `make` installs with
+    --no-build-isolation so the extension is built against the torch in the environment.
+    PEAR_KERNELS_NATIVE=0 skips it; PEAR_KERNELS_NATIVE_ARCH sets -march (default: native,
+    since a source build runs where it is built). A failed compile warns and installs the
+    package without it: pear_kernels.native_status() says which path is active.
+    """
+    if os.environ.get("PEAR_KERNELS_NATIVE", "1") == "0":
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return [], {}
+
+    class OptionalBuildExt(BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # a missing compiler must not break the install
+                print(f"WARNING: pear_kernels native extension not built ({exc}); using the PyTorch path")
+
+    arch = os.environ.get("PEAR_KERNELS_NATIVE_ARCH", "native")
+    ext = CppExtension(
+        "pear_kernels._native",
+        ["csrc/pear_rows.cpp"],
+        extra_compile_args=["-O3", "-fopenmp-simd", f"-march={arch}"],
+    )
+    return [ext], {"build_ext": OptionalBuildExt}
+
+
+ext_modules, cmdclass = native_extension()
+
 setup(
     name="pear_kernels",
     version="0.1.0",
@@ -32,6 +68,8 @@ setup(
     install_requires=["torch>=2.4,<3", "numpy"],
     extras_require=extras,
     entry_points={"console_scripts": ["pear-kernels = pear_kernels.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     license="Apache-2.0",
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -7,6 +7,7 @@ reference_pear_loss (the materialised-logits oracle) and PEARStats.
 from .config import PEARConfig, Variant
 from .logprobs import fused_token_logprobs
 from .loss import PEARLoss, fused_pear_loss
+from .ops.dispatch import native_status
 from .reference import reference_pear_loss
 from .stats import PEARStats
 from .weights import pear_log_weights, pear_weights
@@ -20,6 +21,7 @@ __all__ = [
     "Variant",
     "fused_pear_loss",
     "fused_token_logprobs",
+    "native_status",
     "pear_log_weights",
     "pear_weights",
     "reference_pear_loss",

@@ -36,6 +36,7 @@ __all__ = [
     "clip_log_ratio",
     "fill_suffix_sums",
     "log_weights_for_range",
+    "scan_chunk",
     "clip_log_weights",
     "compute_log_weights",
     "pear_log_weights",
@@ -187,6 +188,22 @@ def log_weights_for_range(
     if variant is Variant.SEQUENCE:
         return incl[layout.seq_start[start:end]].clone()
     raise AssertionError(f"unhandled variant {variant}")
+
+
+def scan_chunk(
+    log_ratio: torch.Tensor,
+    d: torch.Tensor,
+    incl: torch.Tensor,
+    layout: SequenceLayout,
+    config: PEARConfig,
+    start: int,
+    end: int,
+) -> torch.Tensor:
+    """One chunk [start, end) of the chunked walk: clip its log-ratios into ``d``, fill its
+    suffix sums (carry from later chunks), return its unclipped log-weights."""
+    d[start:end] = clip_log_ratio(log_ratio, config)
+    fill_suffix_sums(d, incl, layout, start, end)
+    return log_weights_for_range(d, incl, layout, config, start, end)
 
 
 def clip_log_weights(log_g: torch.Tensor, config: PEARConfig) -> torch.Tensor:

@@ -68,3 +68,16 @@ def leaf(t):
 @pytest.fixture
 def problem_factory():
     return make_problem
+
+
+def _cpu_backends():
+    from pear_kernels.kernels import native_cpu
+
+    return ["torch"] + (["native"] if native_cpu.available() else [])
+
+
+@pytest.fixture(params=_cpu_backends())
+def cpu_backend(request, monkeypatch):
+    """Run a test once per CPU backend (the chunked PyTorch path, and the native one if built)."""
+    monkeypatch.setenv("PEAR_KERNELS_BACKEND", request.param)
+    return request.param

@@ -12,6 +12,9 @@ from pear_kernels import PEARConfig, PEARLoss, fused_pear_loss, fused_token_logp
 
 from .conftest import leaf, make_problem
 
+# every test here runs on each CPU backend: chunked PyTorch, and the native row pass if built
+pytestmark = pytest.mark.usefixtures("cpu_backend")
+
 VARIANTS = ["token", "block", "sequence", "none"]
 # wide delta clip so the log-ratios are not all clipped: gradients then depend on the weights
 WIDE = dict(delta_clip=(-1.0, 1.0))

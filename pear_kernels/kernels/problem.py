@@ -46,6 +46,9 @@ class PEARProblem:
     chunk_size: Optional[int] = None
     # weight/bias are this rank's vocabulary shard; None: one process holds the whole vocabulary
     vocab_parallel: Optional[VocabParallel] = None
+    # per-chunk primitives (softmax_stats_, dlogits_, logp_entropy_, scan, reduce_grad_hidden);
+    # None = torch_chunked.LocalRows. The native CPU backend sets its own.
+    row_math: Optional[object] = None
 
     @property
     def vocab_size(self) -> int:

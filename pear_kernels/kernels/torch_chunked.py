@@ -21,7 +21,7 @@ Row work per chunk, in place on one buffer L (float32, float64 for float64 input
     tgt = L[y];  m = max L;  L = exp(L - m);  s = sum L;  logp = tgt - m - log s
     L *= coef / s;  L[y] -= coef                   -> L is now dlogits
 
-The row work goes through a small strategy object (``_row_math``): ``_LocalRows`` below for one
+The row work goes through a small strategy object (``_row_math``): ``LocalRows`` below for one
 process, or ``vocab_parallel.VocabParallel`` when the vocabulary is split across ranks (it
 combines m, s and tgt across the group and sums the partial dh). The chunk loops are shared.
 """
@@ -33,7 +33,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from ..config import Variant
-from ..weights import clip_log_ratio, clip_log_weights, fill_suffix_sums, log_weights_for_range
+from ..weights import clip_log_ratio, clip_log_weights, fill_suffix_sums, log_weights_for_range, scan_chunk
 from .problem import ForwardResult, Grads, PEARProblem
 
 __all__ = ["forward", "backward", "token_logprobs"]
@@ -127,9 +127,10 @@ def _logp_entropy_(z: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torc
     return tgt - log_s, log_s - (p * z).sum(dim=1) / s
 
 
-class _LocalRows:
+class LocalRows:
     """Row math of one process holding the whole vocabulary (the default strategy)."""
 
+    scan = staticmethod(scan_chunk)
     softmax_stats_ = staticmethod(_softmax_stats_)
     dlogits_ = staticmethod(_dlogits_)
     logp_entropy_ = staticmethod(_logp_entropy_)
@@ -140,7 +141,9 @@ class _LocalRows:
 
 
 def _row_math(problem: PEARProblem):
-    return problem.vocab_parallel if problem.vocab_parallel is not None else _LocalRows
+    if problem.vocab_parallel is not None:
+        return problem.vocab_parallel
+    return problem.row_math if problem.row_math is not None else LocalRows
 
 
 class _GradSink:
@@ -242,10 +245,9 @@ def forward(
         logp, sumexp = rows_math.softmax_stats_(expz, y)
         if not weights_known:
             logp_all[start:end] = logp
-            d[start:end] = clip_log_ratio(logp.to(torch.float64) - behavior[start:end], config)
             # (sequence variant without pre-pass: this one chunk holds every token)
-            fill_suffix_sums(d, incl, layout, start, end)
-            log_w_raw[start:end] = log_weights_for_range(d, incl, layout, config, start, end)
+            log_ratio = logp.to(torch.float64) - behavior[start:end]
+            log_w_raw[start:end] = rows_math.scan(log_ratio, d, incl, layout, config, start, end)
         if sink is not None:
             w = clip_log_weights(log_w_raw[start:end], config).exp()
             coef = (w * (grad_scale / problem.temperature)).to(expz.dtype)

@@ -34,6 +34,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..weights import scan_chunk
+
 __all__ = ["VocabParallel"]
 
 
@@ -42,7 +44,10 @@ class VocabParallel:
 
     The torch_chunked kernels call ``softmax_stats_``, ``dlogits_``, ``logp_entropy_`` and
     ``reduce_grad_hidden`` in place of their single-process versions; nothing else changes.
+    The PEAR scan runs on the combined log-probs, identically on every rank.
     """
+
+    scan = staticmethod(scan_chunk)
 
     def __init__(self, group, shard_sizes: List[int], rank: int):
         self.group = group

@@ -1,8 +1,10 @@
 """Backend selection: which kernel module computes a problem on a given device.
 
-``PEAR_KERNELS_BACKEND`` = ``auto`` (default) | ``torch`` | ``triton`` overrides the choice;
-a ``backend=`` argument overrides the variable.
-``auto`` picks Triton for CUDA tensors when it is installed, the chunked PyTorch path otherwise.
+``PEAR_KERNELS_BACKEND`` = ``auto`` (default) | ``torch`` | ``native`` | ``triton`` overrides
+the choice; a ``backend=`` argument overrides the variable.
+``auto`` picks Triton for CUDA tensors when it is installed; for CPU tensors the native C++ row
+pass (csrc/) where it was built and measured to win (hidden size up to NATIVE_MAX_HIDDEN: there
+the row work, not the matmuls, is a visible share of the time), else the chunked PyTorch path.
 ``triton`` on CPU tensors means Triton's CPU interpreter, which needs TRITON_INTERPRET=1
 (the variable decides, when the kernels are first imported, whether they are compiled or
 interpreted). Triton is optional: it is imported only when a Triton backend is chosen.
@@ -19,11 +21,14 @@ from typing import Optional
 
 import torch
 
-from ..kernels import torch_chunked
+from ..kernels import native_cpu, torch_chunked
 
-__all__ = ["BACKENDS", "select_backend", "requested_backend", "triton_available"]
+__all__ = ["BACKENDS", "select_backend", "requested_backend", "triton_available", "native_status"]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "native", "triton")
+# Largest hidden size at which "auto" uses the native row pass on CPU: measured (README,
+# benchmarks/test_cpu_native.py) to win 7-12% at H <= 256 and to tie from H = 1024.
+NATIVE_MAX_HIDDEN = 512
 ENV_VAR = "PEAR_KERNELS_BACKEND"
 
 
@@ -68,15 +73,37 @@ def _triton_backend() -> ModuleType:
         raise
 
 
-def select_backend(device: torch.device, override: Optional[str] = None) -> ModuleType:
-    """The kernel module for tensors on ``device``."""
+def native_status() -> str:
+    """Which CPU path is active: a line for logs and bug reports."""
+    if native_cpu.available():
+        return f"native CPU row pass: built (used by 'auto' for hidden size <= {NATIVE_MAX_HIDDEN})"
+    return f"native CPU row pass: not available ({native_cpu.unavailable_reason()})"
+
+
+def select_backend(
+    device: torch.device, override: Optional[str] = None, hidden_size: Optional[int] = None
+) -> ModuleType:
+    """The kernel module for tensors on ``device`` (with the given hidden size)."""
     name = requested_backend(override)
     device = torch.device(device)
     if name == "torch":
         return torch_chunked
+    if name == "native":
+        if not native_cpu.available():
+            raise RuntimeError(f"backend 'native' requested but {native_cpu.unavailable_reason()}")
+        if device.type != "cpu":
+            raise ValueError(f"backend 'native' runs on CPU tensors only, got {device}")
+        return native_cpu
     if name == "auto":
         if device.type == "cuda" and triton_available():
             return _triton_backend()
+        if (
+            device.type == "cpu"
+            and native_cpu.available()
+            and hidden_size is not None
+            and hidden_size <= NATIVE_MAX_HIDDEN
+        ):
+            return native_cpu
         return torch_chunked
     if not triton_available():
         raise ImportError("backend 'triton' needs triton: pip install pear_kernels[triton]")

@@ -46,7 +46,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
 def fused_linear_logprobs(problem: PEARProblem, with_entropy: bool = False, backend: Optional[str] = None):
     """(M,) log-probs of the problem's supervised labels (and (M,) entropies, detached)."""
-    module = select_backend(problem.hidden.device, backend)
+    module = select_backend(problem.hidden.device, backend, problem.hidden.shape[-1])
     aux: dict = {}
     logp = FusedLinearLogprobsFunction.apply(
         problem.hidden, problem.weight, problem.bias, problem, module, with_entropy, aux

@@ -84,7 +84,7 @@ def fused_linear_pear(
     backend: Optional[str] = None,
 ):
     """Run the Function; returns (loss, ForwardResult)."""
-    module = select_backend(problem.hidden.device, backend)
+    module = select_backend(problem.hidden.device, backend, problem.hidden.shape[-1])
     aux: dict = {}
     loss = FusedLinearPEARFunction.apply(
         problem.hidden, problem.weight, problem.bias, problem, reduction, num_items_in_batch, module, aux

@@ -1,0 +1,185 @@
+// Native CPU kernels for the chunked PEAR path (pear_kernels/kernels/native_cpu.py).
+//
+// The PyTorch row work around one (rows x V) logits chunk takes several full memory passes
+// (gather, amax, sub_, exp_, sum, then mul_ and scatter_add_). Here it takes two for the
+// statistics and one for the gradient, each row handled by one thread:
+//
+//   softmax_stats_(z, y):  pass 1  m = max_v z_v
+//                          pass 2  z_v <- exp(z_v - m), s += z_v          (in place)
+//                          logp = z_y - m - log s   (z_y read before pass 2)
+//   dlogits_(e, s, y, c):  pass 3  e_v <- e_v * c / s ;  e_y -= c        (in place)
+//                          so e = c * (softmax - onehot(y)) = d(c * -logp)/dz
+//
+// and the PEAR scan over a chunk (suffix sums with carry, log-weights) in one loop.
+//
+// exp is a branch-free float polynomial the compiler vectorises (glibc's vector expf is only
+// declared under -ffast-math, which would also break the -inf handling we need):
+//   exp(x) = 2^n * exp(r),  n = round(x / ln 2),  r = x - n ln 2 in [-ln2/2, ln2/2]
+//   exp(r) ~ 1 + r + r^2/2! + ... + r^7/7!   (Horner; truncation error < 2e-9 on that range,
+//   below float's half-ulp of 6e-8, so the result is within ~2 ulp after rounding).
+// Inputs below -87.3 return exactly 0 (float underflow), as std::exp does up to denormals.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace {
+
+constexpr int64_t kRowGrain = 4;  // rows per parallel task: a row of a real vocabulary is ~100k floats
+
+inline float exp_poly(float x) {
+  const float kLog2e = 1.44269504088896341f;
+  const float kLn2Hi = 0.693359375f;        // ln 2 split in two so n * kLn2Hi is exact
+  const float kLn2Lo = -2.12194440e-4f;
+  const float lo = -87.33654f, hi = 88.72283f;
+  float xc = x < lo ? lo : (x > hi ? hi : x);
+  float n = std::nearbyint(xc * kLog2e);
+  float r = xc - n * kLn2Hi - n * kLn2Lo;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float out = p * scale;
+  return x < lo ? 0.f : out;
+}
+
+inline double exp_poly(double x) { return std::exp(x); }
+
+template <typename T>
+void check_rows(const at::Tensor& z, const at::Tensor& y, const char* name) {
+  TORCH_CHECK(z.device().is_cpu() && y.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(z.dim() == 2 && z.is_contiguous(), name, ": logits must be a contiguous 2-D tensor");
+  TORCH_CHECK(y.dim() == 1 && y.size(0) == z.size(0) && y.scalar_type() == at::kLong, name,
+              ": labels must be int64 of length rows");
+}
+
+template <typename T>
+void softmax_stats_impl(at::Tensor& z, const at::Tensor& y, at::Tensor& logp, at::Tensor& sumexp) {
+  const int64_t rows = z.size(0), V = z.size(1);
+  T* zp = z.data_ptr<T>();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  T* lp = logp.data_ptr<T>();
+  T* sp = sumexp.data_ptr<T>();
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* row = zp + i * V;
+      T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+      for (int64_t v = 0; v < V; ++v) m = row[v] > m ? row[v] : m;
+      const T target = row[yp[i]];
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t v = 0; v < V; ++v) {
+        T e = exp_poly(row[v] - m);
+        row[v] = e;
+        s += e;
+      }
+      sp[i] = s;
+      lp[i] = target - m - std::log(s);
+    }
+  });
+}
+
+template <typename T>
+void dlogits_impl(at::Tensor& e, const at::Tensor& s, const at::Tensor& y, const at::Tensor& coef) {
+  const int64_t rows = e.size(0), V = e.size(1);
+  T* ep = e.data_ptr<T>();
+  const T* sp = s.data_ptr<T>();
+  const T* cp = coef.data_ptr<T>();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* row = ep + i * V;
+      const T f = cp[i] / sp[i];
+#pragma omp simd
+      for (int64_t v = 0; v < V; ++v) row[v] *= f;
+      row[yp[i]] -= cp[i];
+    }
+  });
+}
+
+}  // namespace
+
+// In place: z <- exp(z - rowmax). Returns (logp of y, row sums of exp).
+std::tuple<at::Tensor, at::Tensor> softmax_stats_(at::Tensor z, at::Tensor y) {
+  check_rows<float>(z, y, "softmax_stats_");
+  auto logp = at::empty({z.size(0)}, z.options());
+  auto sumexp = at::empty({z.size(0)}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "softmax_stats_", [&] {
+    softmax_stats_impl<scalar_t>(z, y, logp, sumexp);
+  });
+  return {logp, sumexp};
+}
+
+// In place: e (= exp(z - m)) <- coef * (softmax - onehot(y)).
+at::Tensor dlogits_(at::Tensor e, at::Tensor sumexp, at::Tensor y, at::Tensor coef) {
+  check_rows<float>(e, y, "dlogits_");
+  TORCH_CHECK(sumexp.scalar_type() == e.scalar_type() && coef.scalar_type() == e.scalar_type(),
+              "dlogits_: sumexp and coef must have the logits' dtype");
+  TORCH_CHECK(sumexp.is_contiguous() && coef.is_contiguous() && sumexp.numel() == e.size(0) &&
+                  coef.numel() == e.size(0),
+              "dlogits_: sumexp and coef must be contiguous of length rows");
+  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "dlogits_", [&] { dlogits_impl<scalar_t>(e, sumexp, y, coef); });
+  return e;
+}
+
+// The PEAR scan over compact tokens [start, end) of a chunk, visited from its end.
+//   d[i]    = clip(log_ratio[i], dlo, dhi)                            (written)
+//   incl[i] = d[i] + (incl[i+1] if i+1 is in the same sequence else 0)
+//             where incl[end] (a later chunk, already final) is the carry
+//   token:  logw[i] = n_after[i] * log_gamma + incl[i] - d[i]
+//   block:  logw[i] = the token value at block_end[i] (>= i, so already known in this loop)
+// Returns the unclipped log-weights of the range (float64). variant: 0 token, 1 block.
+// The sequence and none variants need no scan here (the Python side handles them).
+at::Tensor pear_scan_chunk(at::Tensor log_ratio, at::Tensor d, at::Tensor incl, at::Tensor seq_end,
+                           at::Tensor n_after, at::Tensor block_end, int64_t start, int64_t end,
+                           double dlo, double dhi, double log_gamma, int64_t variant) {
+  for (const auto* t : {&log_ratio, &d, &incl}) {
+    TORCH_CHECK(t->scalar_type() == at::kDouble && t->is_contiguous() && t->device().is_cpu(),
+                "pear_scan_chunk: float64 contiguous CPU buffers expected");
+  }
+  for (const auto* t : {&seq_end, &n_after, &block_end}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "pear_scan_chunk: int64 layout expected");
+  }
+  const int64_t M = incl.numel();
+  TORCH_CHECK(0 <= start && start <= end && end <= M, "pear_scan_chunk: bad range");
+  TORCH_CHECK(variant == 0 || variant == 1, "pear_scan_chunk: variant must be 0 (token) or 1 (block)");
+  const double* lr = log_ratio.data_ptr<double>();
+  double* dp = d.data_ptr<double>();
+  double* ip = incl.data_ptr<double>();
+  const int64_t* se = seq_end.data_ptr<int64_t>();
+  const int64_t* na = n_after.data_ptr<int64_t>();
+  const int64_t* be = block_end.data_ptr<int64_t>();
+  auto out = at::empty({end - start}, incl.options());
+  double* op = out.data_ptr<double>();
+  for (int64_t i = end - 1; i >= start; --i) {
+    double di = lr[i - start];
+    di = di < dlo ? dlo : (di > dhi ? dhi : di);
+    dp[i] = di;
+    ip[i] = di + (i + 1 < se[i] ? ip[i + 1] : 0.0);
+  }
+  for (int64_t i = start; i < end; ++i) {
+    const int64_t j = variant == 0 ? i : be[i];
+    op[i - start] = static_cast<double>(na[j]) * log_gamma + (ip[j] - dp[j]);
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pear_kernels native CPU row pass and PEAR scan";
+  m.def("softmax_stats_", &softmax_stats_, "in place exp(z - max); returns (logp, sumexp)");
+  m.def("dlogits_", &dlogits_, "in place coef * (softmax - onehot)");
+  m.def("pear_scan_chunk", &pear_scan_chunk, "PEAR suffix-sum scan over one chunk");
+}
