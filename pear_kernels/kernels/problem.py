@@ -15,7 +15,7 @@ per-token factor of (softmax - onehot) / temperature for the recompute path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -23,7 +23,7 @@ from ..config import PEARConfig
 from ..weights import SequenceLayout
 from .vocab_parallel import VocabParallel
 
-__all__ = ["PEARProblem", "Grads", "ForwardResult", "default_chunk_size", "CHUNK_BUDGET_BYTES"]
+__all__ = ["chunks_from_end", "PEARProblem", "Grads", "ForwardResult", "default_chunk_size", "CHUNK_BUDGET_BYTES"]
 
 # Working memory for one chunk of logits. 256 MiB keeps a chunk of a 152k vocabulary at about
 # 440 rows (matmuls stay efficient) while staying far below the naive (N x V) logits.
@@ -85,3 +85,12 @@ class ForwardResult:
     loss_sum: torch.Tensor  # () float64: sum_t w_t * -logp_t
     grads: Optional[Grads]
 
+
+def chunks_from_end(m: int, rows: int) -> Iterator[Tuple[int, int]]:
+    """[start, end) ranges of ``rows`` compact tokens covering [0, m), the last one first
+    (every sequence is then visited from its end, as the token and block weights need)."""
+    end = m
+    while end > 0:
+        start = max(0, end - rows)
+        yield start, end
+        end = start

@@ -28,27 +28,19 @@ combines m, s and tgt across the group and sums the partial dh). The chunk loops
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..config import Variant
 from ..weights import clip_log_ratio, clip_log_weights, fill_suffix_sums, log_weights_for_range, scan_chunk
-from .problem import ForwardResult, Grads, PEARProblem
+from .problem import ForwardResult, Grads, PEARProblem, chunks_from_end
 
 __all__ = ["forward", "backward", "token_logprobs"]
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _chunks_from_end(m: int, rows: int) -> Iterator[Tuple[int, int]]:
-    end = m
-    while end > 0:
-        start = max(0, end - rows)
-        yield start, end
-        end = start
 
 
 def _token_rows(problem: PEARProblem, start: int, end: int):
@@ -194,7 +186,7 @@ def token_logprobs(problem: PEARProblem, with_entropy: bool = False):
     ent = torch.empty(m, dtype=work, device=problem.hidden.device) if with_entropy else None
     buffer = _LogitsBuffer(problem)
     rows_math = _row_math(problem)
-    for start, end in _chunks_from_end(m, problem.rows()):
+    for start, end in chunks_from_end(m, problem.rows()):
         h_c = problem.hidden[_token_rows(problem, start, end)]
         y = problem.labels[layout.sup_index[start:end]]
         z = buffer.logits(h_c)
@@ -237,7 +229,7 @@ def forward(
     weights_known = prepass
     buffer = _LogitsBuffer(problem)
     rows_math = _row_math(problem)
-    for start, end in _chunks_from_end(m, rows):
+    for start, end in chunks_from_end(m, rows):
         token_rows = _token_rows(problem, start, end)
         h_c = problem.hidden[token_rows]
         y = problem.labels[layout.sup_index[start:end]]
@@ -274,7 +266,7 @@ def backward(problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, b
     sink = _GradSink(problem, need)
     buffer = _LogitsBuffer(problem)
     rows_math = _row_math(problem)
-    for start, end in _chunks_from_end(layout.num_supervised, problem.rows()):
+    for start, end in chunks_from_end(layout.num_supervised, problem.rows()):
         token_rows = _token_rows(problem, start, end)
         h_c = problem.hidden[token_rows]
         y = problem.labels[layout.sup_index[start:end]]

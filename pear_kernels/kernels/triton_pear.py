@@ -23,14 +23,14 @@ the kernels here keep their softmax state in fp32.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..config import Variant
 from ..weights import clip_log_weights
 from . import torch_chunked
-from .problem import ForwardResult, Grads, PEARProblem
+from .problem import ForwardResult, Grads, PEARProblem, chunks_from_end
 from .triton_fused import fused_lse_forward, fused_recompute_backward
 from .triton_rows import row_dlogits_, row_stats
 from .triton_scan import pear_log_weights, pear_scan_
@@ -57,14 +57,6 @@ def _use_fused(fused: Optional[bool]) -> bool:
     if fused is not None:
         return bool(fused)
     return os.environ.get(FUSED_ENV_VAR, "0").strip().lower() in ("1", "true", "yes")
-
-
-def _chunks_from_end(m: int, rows: int) -> Iterator[Tuple[int, int]]:
-    end = m
-    while end > 0:
-        start = max(0, end - rows)
-        yield start, end
-        end = start
 
 
 def _hidden(problem: PEARProblem) -> torch.Tensor:
@@ -143,7 +135,7 @@ def _chunked_logprobs(problem: PEARProblem) -> torch.Tensor:
     m = problem.layout.num_supervised
     out = torch.empty(m, dtype=torch.float32, device=problem.hidden.device)
     h, y_all = _hidden(problem), _compact_labels(problem)
-    for start, end in _chunks_from_end(m, _rows(problem)):
+    for start, end in chunks_from_end(m, _rows(problem)):
         logits = _logits_chunk(problem, h[problem.layout.sup_index[start:end]])
         out[start:end], _, _ = row_stats(logits, y_all[start:end], problem.temperature)
     return out
@@ -209,7 +201,7 @@ def forward(
         logp_all = torch.empty(m, dtype=torch.float32, device=dev)
     sink = _ChunkGrads(problem, need)
     h, y_all = _hidden(problem), _compact_labels(problem)
-    for start, end in _chunks_from_end(m, rows):
+    for start, end in chunks_from_end(m, rows):
         token_rows = layout.sup_index[start:end]
         h_c = h[token_rows]
         y = y_all[start:end]
@@ -239,7 +231,7 @@ def backward(
     layout = problem.layout
     sink = _ChunkGrads(problem, need)
     h, y_all = _hidden(problem), _compact_labels(problem)
-    for start, end in _chunks_from_end(layout.num_supervised, _rows(problem)):
+    for start, end in chunks_from_end(layout.num_supervised, _rows(problem)):
         token_rows = layout.sup_index[start:end]
         h_c = h[token_rows]
         y = y_all[start:end]
