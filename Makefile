@@ -11,7 +11,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 
 $(VENV)/.base: setup.py csrc/pear_rows.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) $(TORCH_PIN)
+	$(PIP) $(TORCH_PIN) setuptools
 	$(PIP) --no-build-isolation -e .
 	touch $@
 
