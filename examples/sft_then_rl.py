@@ -23,8 +23,16 @@ import torch
 
 from pear_kernels import PEARConfig
 from pear_kernels.rl import (
-    ChainSolverPolicy, CharTokenizer, GRPOConfig, GRPOTrainer, SFTConfig, SumChainTask,
-    collect_sft_data, evaluate, sft_train, tiny_qwen2,
+    ChainSolverPolicy,
+    CharTokenizer,
+    GRPOConfig,
+    GRPOTrainer,
+    SFTConfig,
+    SumChainTask,
+    collect_sft_data,
+    evaluate,
+    sft_train,
+    tiny_qwen2,
 )
 
 LABELS = {"none": "plain SFT", "token": "PEAR token", "block": "PEAR block", "sequence": "PEAR sequence"}
@@ -57,7 +65,9 @@ def parse_args():
     p.add_argument("--out", default="sft_then_rl_out")
     args = p.parse_args()
     if args.quick:
-        args.seeds, args.sft_steps, args.rl_steps, args.eval_problems = 2, 250, 25, 100
+        # sized for <= ~4 minutes on 2 shared CPU cores: a smoke run of the whole pipeline,
+        # too short and too few seeds to rank the variants (see the README for a longer run)
+        args.seeds, args.sft_steps, args.rl_steps, args.eval_problems = 2, 150, 20, 64
     return args
 
 
@@ -117,6 +127,17 @@ def table(results, variants, k):
     return "\n".join(lines)
 
 
+def _save(fig, ax, path, xlabel, ylabel, title):
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def plots(results, variants, k, out_dir):
     try:
         import matplotlib
@@ -136,9 +157,8 @@ def plots(results, variants, k, out_dir):
         w = max(1, len(mean) // 10)  # moving average over a tenth of the run
         smooth = torch.nn.functional.avg_pool1d(mean.view(1, 1, -1), w, stride=1).view(-1)
         ax.plot(range(w - 1, len(mean)), smooth, label=LABELS[v], color=colors[v])
-    ax.set_xlabel("GRPO step"); ax.set_ylabel("mean reward (train prompts)")
-    ax.set_title(f"GRPO reward, mean of {len(seeds)} seeds"); ax.legend()
-    files.append(os.path.join(out_dir, "reward_curves.png")); fig.tight_layout(); fig.savefig(files[-1], dpi=120)
+    files.append(_save(fig, ax, os.path.join(out_dir, "reward_curves.png"), "GRPO step",
+                       "mean reward (train prompts)", f"GRPO reward, mean of {len(seeds)} seeds"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.38
@@ -150,17 +170,19 @@ def plots(results, variants, k, out_dir):
                    label=("after SFT" if stage == "pre" else "after SFT+RL") if i == 0 else None)
             ax.scatter([x] * len(vals), vals, color="black", s=10, zorder=3)
     ax.set_xticks(range(len(variants)), [LABELS[v] for v in variants])
-    ax.set_ylabel("held-out pass@1"); ax.set_title("held-out pass@1 (bars: mean, dots: seeds)"); ax.legend()
-    files.append(os.path.join(out_dir, "accuracy.png")); fig.tight_layout(); fig.savefig(files[-1], dpi=120)
+    files.append(_save(fig, ax, os.path.join(out_dir, "accuracy.png"), None, "held-out pass@1",
+                       "held-out pass@1 (bars: mean, dots: seeds)"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    bins = torch.logspace(-4.5, 0.1, 60).tolist()
+    all_w = {v: [max(w, 1e-5) for s in seeds for w in results[s][v]["sft"]["weights"]] for v in variants}
+    lo = min(min(ws) for ws in all_w.values()) * 0.9
+    hi = max(max(ws) for ws in all_w.values()) * 1.1
+    bins = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), 50).tolist()
     for v in variants:
-        ws = [w for s in seeds for w in results[s][v]["sft"]["weights"]]
-        ax.hist([max(w, 1e-4) for w in ws], bins=bins, histtype="step", label=LABELS[v], color=colors[v], density=True)
-    ax.set_xscale("log"); ax.set_xlabel("PEAR weight w_t (last fifth of SFT)"); ax.set_ylabel("density")
-    ax.set_title("token weight distributions"); ax.legend()
-    files.append(os.path.join(out_dir, "weight_distributions.png")); fig.tight_layout(); fig.savefig(files[-1], dpi=120)
+        ax.hist(all_w[v], bins=bins, histtype="step", label=LABELS[v], color=colors[v], density=True)
+    ax.set_xscale("log")
+    files.append(_save(fig, ax, os.path.join(out_dir, "weight_distributions.png"),
+                       "PEAR weight w_t (last fifth of SFT)", "density", "token weight distributions"))
     plt.close("all")
     return files
 

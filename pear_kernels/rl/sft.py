@@ -68,7 +68,7 @@ def sft_train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(config.warmup_steps, 1))
     )
-    keep_from = config.steps - config.steps // 5 if keep_weights_from is None else keep_weights_from
+    keep_from = config.steps - max(1, config.steps // 5) if keep_weights_from is None else keep_weights_from
     history: Dict[str, list] = {"loss": [], "mean_weight": [], "ess_fraction": [], "weights": []}
     data = list(data)
     model.train()
