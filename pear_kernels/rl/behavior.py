@@ -35,6 +35,8 @@ __all__ = ["ChainSolverPolicy"]
 
 
 class ChainSolverPolicy:
+    """Running-sum solver for SumChainTask; ``p_natural`` = P(leftmost unused operand next)."""
+
     def __init__(self, p_natural: float = 0.5):
         if not (0.0 < p_natural <= 1.0):
             raise ValueError(f"p_natural must be in (0, 1], got {p_natural}")
