@@ -67,7 +67,7 @@ def parse_args():
     if args.quick:
         # sized for <= ~4 minutes on 2 shared CPU cores: a smoke run of the whole pipeline,
         # too short and too few seeds to rank the variants (see the README for a longer run)
-        args.seeds, args.sft_steps, args.rl_steps, args.eval_problems = 2, 150, 20, 64
+        args.seeds, args.sft_steps, args.rl_steps, args.eval_problems = 2, 250, 25, 64
     return args
 
 
