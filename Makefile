@@ -22,8 +22,9 @@ $(VENV)/.full: $(VENV)/.base setup.py
 test: $(VENV)/.full
 	$(PY) -m pytest tests
 
-demo: $(VENV)/.base
+demo: $(VENV)/.full
 	$(PY) examples/demo.py
+	$(PY) examples/sft_then_rl.py --quick --out demo_out
 
 bench: $(VENV)/.full
 	$(PY) -m pytest benchmarks

@@ -1,0 +1,64 @@
+"""Tiny causal LMs built from a config (no downloads), and their final hidden states.
+
+transformers is imported here, lazily: the rest of pear_kernels never needs it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["tiny_qwen2", "final_hidden_states", "lm_head_params"]
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError("pear_kernels.rl models need transformers: pip install pear_kernels[hf]") from err
+    return transformers
+
+
+def tiny_qwen2(
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_positions: int = 128,
+    seed: int = 0,
+):
+    """A randomly initialised Qwen2ForCausalLM in float32 (untied head, so SFT moves W freely)."""
+    tf = _transformers()
+    config = tf.Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        use_cache=False,
+        attention_dropout=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tf.Qwen2ForCausalLM(config)
+    return model.float()
+
+
+def final_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) hidden states after the final norm: what the LM head multiplies.
+
+    Sequences are right-padded, so causal attention alone keeps padding from reaching any
+    real position and no attention mask is needed.
+    """
+    return model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def lm_head_params(model):
+    """(weight, bias) of the output projection; bias is None for Qwen2."""
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
