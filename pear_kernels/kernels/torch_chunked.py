@@ -56,20 +56,40 @@ def _token_rows(problem: PEARProblem, start: int, end: int):
     return idx
 
 
-def _logits(problem: PEARProblem, h_c: torch.Tensor) -> torch.Tensor:
-    """(rows, V) logits of a chunk in the working dtype, divided by the temperature."""
-    w, b = problem.weight, problem.bias
-    work = _work_dtype(h_c.dtype)
-    if h_c.dtype == work:
-        logits = torch.addmm(b, h_c, w.t()) if b is not None else torch.mm(h_c, w.t())
-    else:
-        # 16-bit matmul (fp32 accumulation inside the BLAS), softmax math in fp32
-        logits = torch.mm(h_c, w.t()).to(work)
-        if b is not None:
-            logits += b
-    if problem.temperature != 1.0:
-        logits.mul_(1.0 / problem.temperature)
-    return logits
+class _LogitsBuffer:
+    """One (rows, V) working-dtype buffer reused by every chunk of a pass.
+
+    Allocating a fresh chunk per iteration kept two chunks alive at the peak (the new logits
+    exist before the name of the old ones is rebound) and paid the page faults of a fresh
+    mapping every chunk; one buffer written by ``mm(out=)`` does neither.
+    """
+
+    def __init__(self, problem: PEARProblem, rows: int):
+        self.problem = problem
+        self.rows = max(1, min(rows, problem.layout.num_supervised))  # the largest chunk
+        self.buf: Optional[torch.Tensor] = None
+
+    def logits(self, h_c: torch.Tensor) -> torch.Tensor:
+        """(rows, V) logits of a chunk in the working dtype, divided by the temperature."""
+        problem = self.problem
+        w, b = problem.weight, problem.bias
+        work = _work_dtype(h_c.dtype)
+        if self.buf is None:
+            self.buf = torch.empty(self.rows, w.shape[0], dtype=work, device=h_c.device)
+        out = self.buf[: h_c.shape[0]]
+        if h_c.dtype == work:
+            if b is not None:
+                torch.addmm(b, h_c, w.t(), out=out)
+            else:
+                torch.mm(h_c, w.t(), out=out)
+        else:
+            # 16-bit matmul (fp32 accumulation inside the BLAS), softmax math in fp32
+            out.copy_(torch.mm(h_c, w.t()))
+            if b is not None:
+                out += b
+        if problem.temperature != 1.0:
+            out.mul_(1.0 / problem.temperature)
+        return out
 
 
 def _softmax_stats_(logits: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +154,11 @@ def token_logprobs(problem: PEARProblem, with_entropy: bool = False):
     work = _work_dtype(problem.hidden.dtype)
     out = torch.empty(m, dtype=work, device=problem.hidden.device)
     ent = torch.empty(m, dtype=work, device=problem.hidden.device) if with_entropy else None
+    chunks = _LogitsBuffer(problem, problem.rows())
     for start, end in _chunks_from_end(m, problem.rows()):
         h_c = problem.hidden[_token_rows(problem, start, end)]
         y = problem.labels[layout.sup_index[start:end]]
-        z = _logits(problem, h_c)
+        z = chunks.logits(h_c)
         if ent is None:
             out[start:end], _ = _softmax_stats_(z, y)
             continue
@@ -183,11 +204,12 @@ def forward(
             return _finish(problem, logp_all, behavior, log_w_raw, None)
 
     weights_known = prepass
+    chunks = _LogitsBuffer(problem, rows)
     for start, end in _chunks_from_end(m, rows):
         token_rows = _token_rows(problem, start, end)
         h_c = problem.hidden[token_rows]
         y = problem.labels[layout.sup_index[start:end]]
-        expz = _logits(problem, h_c)
+        expz = chunks.logits(h_c)
         logp, sumexp = _softmax_stats_(expz, y)
         if not weights_known:
             logp_all[start:end] = logp
@@ -219,11 +241,12 @@ def backward(problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, b
     """Recompute pass: gradients for per-token factors ``coef`` (M,) of w * grad_output."""
     layout = problem.layout
     sink = _GradSink(problem, need)
+    chunks = _LogitsBuffer(problem, problem.rows())
     for start, end in _chunks_from_end(layout.num_supervised, problem.rows()):
         token_rows = _token_rows(problem, start, end)
         h_c = problem.hidden[token_rows]
         y = problem.labels[layout.sup_index[start:end]]
-        expz = _logits(problem, h_c)
+        expz = chunks.logits(h_c)
         _, sumexp = _softmax_stats_(expz, y)
         c = (coef[start:end] / problem.temperature).to(expz.dtype)
         sink.add(_dlogits_(expz, sumexp, y, c), h_c, token_rows)
