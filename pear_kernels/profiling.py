@@ -211,7 +211,7 @@ def _floor(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
     work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     h, w = hidden.detach(), weight.detach()
     dh = torch.zeros_like(h)
-    dw = torch.zeros(w.shape, dtype=work)
+    dw = torch.empty(w.shape, dtype=work)  # written by the first chunk, as in the fused path
     prepass = variant == "sequence" and m > rows
     buf = torch.empty(min(rows, max(m, 1)), w.shape[0], dtype=h.dtype, device=h.device)
     end = m
@@ -224,8 +224,14 @@ def _floor(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
             torch.mm(h_c, w.t(), out=z)
         torch.mm(h_c, w.t(), out=z)
         dh.index_copy_(0, rows_c, torch.mm(z, w))
-        dw.addmm_(z.t(), h_c if h_c.dtype == work else h_c.to(work))
+        h_w = h_c if h_c.dtype == work else h_c.to(work)
+        if end == m:
+            torch.mm(z.t(), h_w, out=dw)
+        else:
+            dw.addmm_(z.t(), h_w)
         end = start
+    if m == 0:
+        dw.zero_()
     hidden.grad = dh
     weight.grad = dw.to(w.dtype)
     return torch.zeros(())
