@@ -16,7 +16,9 @@ LOSSES maps a name to one forward + backward of a PEAR loss on the same inputs:
     naive       reference_pear_loss: logits materialised, log_softmax, gather, plain autograd
     floor       the bare matmuls the fused loss must do, chunk by chunk at the fused chunk size
                 (3 for token/block: logits, dh, dW; 4 for sequence: one more logits pre-pass)
-    torch_lce   torch.nn.functional.linear_cross_entropy, chunked (LinearCrossEntropyOptions)
+    torch_lce   torch.nn.functional.linear_cross_entropy, chunked (LinearCrossEntropyOptions()
+                defaults: on CPU fp32, chunks of ~(N x H / 2) logits, a few rows at 152k vocab)
+    torch_lce_matched  the same with batch_chunk_size = the fused loss's chunk rows
     liger       Liger-Kernel's fused linear cross-entropy (Triton; the interpreter on CPU)
     cce_compile cut-cross-entropy's torch_compile implementation
 
@@ -155,18 +157,30 @@ def _pear_from_token_ce(token_ce, labels, behavior, cu, variant):
     return (w.to(token_ce.dtype) * token_ce).sum() / mask.sum().clamp(min=1)
 
 
-def _torch_lce(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+def _torch_lce(hidden, weight, labels, behavior, cu, variant, chunk_size=None, matched=False):
     import torch.nn.functional as F
 
     if not hasattr(F, "linear_cross_entropy"):
         raise PeerUnavailable(f"torch {torch.__version__} has no nn.functional.linear_cross_entropy")
     from torch.nn import LinearCrossEntropyOptions
 
+    if matched:
+        from .kernels.problem import default_chunk_size
+
+        rows = chunk_size or default_chunk_size(weight.shape[0], hidden.element_size())
+        options = LinearCrossEntropyOptions(batch_chunk_size=rows)
+    else:
+        # torch's default chunking: (chunk x V) logits about the size of (N x H) / 2
+        options = LinearCrossEntropyOptions()
     ce = F.linear_cross_entropy(
-        hidden, weight, labels, reduction="none", ignore_index=IGNORE_INDEX,
-        options=LinearCrossEntropyOptions(),
+        hidden, weight, labels, reduction="none", ignore_index=IGNORE_INDEX, options=options
     )
     return _pear_from_token_ce(ce, labels, behavior, cu, variant)
+
+
+def _torch_lce_matched(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+    """torch's chunked loss with the fused loss's chunk rows (same logits memory)."""
+    return _torch_lce(hidden, weight, labels, behavior, cu, variant, chunk_size, matched=True)
 
 
 def _liger(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
@@ -242,6 +256,7 @@ LOSSES: Dict[str, Callable] = {
     "naive": _naive,
     "floor": _floor,
     "torch_lce": _torch_lce,
+    "torch_lce_matched": _torch_lce_matched,
     "liger": _liger,
     "cce_compile": _cce_compile,
 }
@@ -350,15 +365,21 @@ def _spawn(target, args, case: Case, timeout: float):
     proc = ctx.Process(target=target, args=(*args, queue))
     with _child_env(case):
         proc.start()
+    deadline = time.monotonic() + timeout
     try:
-        status, payload = queue.get(timeout=timeout)
-    except Exception:
-        proc.kill()
-        proc.join(timeout=10)
-        raise RuntimeError(
-            f"case {case} gave no result in {timeout:.0f} s (exit code {proc.exitcode}; "
-            "a negative code is the signal, e.g. -9 when the kernel ran out of memory)"
-        ) from None
+        while True:
+            try:
+                status, payload = queue.get(timeout=2.0)
+                break
+            except Exception:  # queue.Empty: still running, or dead without a word
+                if not proc.is_alive() or time.monotonic() > deadline:
+                    proc.join(timeout=5)
+                    if proc.is_alive():
+                        proc.kill()
+                    raise RuntimeError(
+                        f"case {case} gave no result (exit code {proc.exitcode}; -9 is usually the "
+                        f"kernel's out-of-memory killer; a timeout after {timeout:.0f} s also lands here)"
+                    ) from None
     finally:
         proc.join(timeout=60)
         if proc.is_alive():
