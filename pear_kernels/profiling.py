@@ -184,12 +184,16 @@ def _torch_lce_matched(hidden, weight, labels, behavior, cu, variant, chunk_size
 
 
 def _liger(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise PeerUnavailable("liger-kernel is not installed; pip install pear_kernels[bench]")
+    if hidden.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise PeerUnavailable("Liger's kernels are Triton: on CPU they run only with TRITON_INTERPRET=1")
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
     except ImportError as e:
         raise PeerUnavailable(f"liger-kernel not importable ({e}); pip install pear_kernels[bench]") from e
-    if hidden.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise PeerUnavailable("Liger's kernels are Triton: on CPU they run only with TRITON_INTERPRET=1")
     ce = LigerFusedLinearCrossEntropyFunction.apply(
         hidden, weight, labels, None, None, IGNORE_INDEX, 0.0, 0.0, "none"
     )[0]
