@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import pytest
 
-from pear_kernels.profiling import Case, measure_in_child
+from pear_kernels.profiling import Case, measure_in_child, measure_interleaved
 
 QWEN_V, LLAMA_V = 151936, 128256
 CHUNKED = ("fused", "floor", "torch_lce_matched")
@@ -97,3 +97,23 @@ def test_cpu(item, benchmark, bench_record, bench_repeats):
         extra_mib=row["extra_bytes"] / 2**20, prime_seconds=row.get("prime_seconds"),
     )
     assert row["seconds"] > 0
+
+
+# Ratios that the targets are about, measured round-robin so that the load of a shared machine
+# drifts over all of them alike (best of the rounds for each).
+INTERLEAVED = {
+    "interleaved-N2048-H2048": [Case(loss=x, n=2048, h=2048, v=QWEN_V) for x in ("fused", "floor", "naive")],
+    "target-interleaved-N8192-H2048": [Case(loss=x, n=8192, h=2048, v=QWEN_V) for x in ("fused", "floor", "naive")],
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(k, marks=[pytest.mark.large, pytest.mark.timeout(7200)] if k.startswith("target") else [])
+     for k in INTERLEAVED],
+)
+def test_cpu_interleaved(name, bench_record, bench_repeats):
+    out = measure_interleaved(INTERLEAVED[name], rounds=bench_repeats or 2)
+    for row in out:
+        bench_record(row, name.split("-N")[0])
+        assert row.get("status") == "ok", row

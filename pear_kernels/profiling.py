@@ -49,6 +49,7 @@ __all__ = [
     "make_inputs",
     "run_case",
     "measure_in_child",
+    "measure_interleaved",
     "crosscheck",
     "crosscheck_in_child",
     "LOSSES",
@@ -414,6 +415,36 @@ def measure_in_child(case: Case, timeout: float = 1800.0) -> Dict:
     if status != "ok":
         raise RuntimeError(f"case {case} failed in the child process: {payload}")
     return payload
+
+
+def measure_interleaved(cases, rounds: int = 2, timeout: float = 3000.0) -> List[Dict]:
+    """Each case ``rounds`` times, round-robin (one repeat per child), best time per case.
+
+    On a machine shared with other jobs the load drifts over minutes; cases measured one after
+    the other then see different loads, and their ratio says more about the load than about the
+    code. Alternating them spreads the drift over all cases; the minimum over rounds is kept.
+    Memory is the largest extra seen; "times" lists every round's time.
+    """
+    results: List[Optional[Dict]] = [None] * len(cases)
+    for _ in range(max(1, rounds)):
+        for i, case in enumerate(cases):
+            one = Case(**{**asdict(case), "repeats": 1})
+            r = measure_in_child(one, timeout=timeout)
+            if r.get("status") != "ok":
+                results[i] = r
+                continue
+            prev = results[i]
+            if prev is None or prev.get("status") != "ok":
+                results[i] = r
+                continue
+            prev["times"] = prev["times"] + r["times"]
+            prev["seconds"] = min(prev["seconds"], r["seconds"])
+            prev["extra_bytes"] = max(prev["extra_bytes"], r["extra_bytes"])
+    for r, case in zip(results, cases):
+        if r is not None and r.get("status") == "ok":
+            r["repeats"] = len(r["times"])
+            r["interleaved"] = True
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
