@@ -131,6 +131,10 @@ def markdown_table(rows: List[Dict]) -> str:
                 continue
             if r["loss"] == "cce_compile" and r.get("prime_seconds"):
                 note = (note + "; " if note else "") + f"compile {r['prime_seconds']:.0f} s (apart)"
+            if r.get("interleaved"):
+                note = (note + "; " if note else "") + f"round-robin with its shape's other cases, {len(r.get('times', []))} rounds"
+            elif len(r.get("times") or []) == 1:
+                note = (note + "; " if note else "") + "1 run"
             if dtype != "float32":
                 note = (note + "; " if note else "") + dtype
             out.append(
@@ -215,10 +219,13 @@ def plot(rows: List[Dict], path: str, group: str = "scaling") -> Optional[str]:
     return path
 
 
-def write_results(rows: List[Dict], out_dir: str, name: str = "cpu", crosscheck: Optional[Dict] = None) -> Dict[str, str]:
+def write_results(
+    rows: List[Dict], out_dir: str, name: str = "cpu", crosscheck: Optional[Dict] = None,
+    env: Optional[Dict] = None,
+) -> Dict[str, str]:
     """Write <name>.json, <name>.md, <name>_scaling.png and README_table.md into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
-    env = environment()
+    env = env or environment()
     rows = annotate(rows)
     paths = {}
     paths["json"] = os.path.join(out_dir, f"{name}.json")
@@ -287,3 +294,19 @@ def readme_snippet(rows: List[Dict], env: Optional[Dict] = None) -> str:
         lines += ["Targets at N=8192, H=2048, V=151936, fp32:", "", tgt]
     lines.append("Full results: benchmarks/results/cpu.md; plot: benchmarks/results/cpu_scaling.png.\n")
     return "\n".join(lines)
+
+
+def _main(argv=None) -> None:  # pragma: no cover - manual use
+    """Rewrite the tables and the plot from DIR/cpu.json: python benchmarks/bench_report.py DIR"""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    out_dir = argv[0] if argv else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    with open(os.path.join(out_dir, "cpu.json")) as f:
+        data = json.load(f)
+    paths = write_results(data["rows"], out_dir, "cpu", data.get("crosscheck"), env=data.get("environment"))
+    print("\n".join(paths.values()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _main()
