@@ -292,6 +292,11 @@ def readme_snippet(rows: List[Dict], env: Optional[Dict] = None) -> str:
     tgt = targets_markdown(rows)
     if tgt:
         lines += ["Targets at N=8192, H=2048, V=151936, fp32:", "", tgt]
+    if any(len(r.get("times") or []) == 1 for r in sel) and any(r.get("interleaved") for r in sel):
+        lines.append(
+            "Rows marked '1 run' were measured once, at another time than the round-robin rows "
+            "(on a shared CPU under a different load): compare their memory, not their time.\n"
+        )
     lines.append("Full results: benchmarks/results/cpu.md; plot: benchmarks/results/cpu_scaling.png.\n")
     return "\n".join(lines)
 
