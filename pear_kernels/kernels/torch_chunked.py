@@ -147,7 +147,11 @@ class _GradSink:
         self.need = need
         self.problem = problem
         self.dh = torch.zeros_like(h) if need[0] else None
-        self.dw = torch.zeros(w.shape, dtype=work, device=w.device) if need[1] else None
+        # dW is written, not zero-filled: the first chunk's matmul overwrites it (beta = 0) and
+        # later chunks accumulate. Zero-filling a (V, H) buffer is a full pass over a
+        # parameter-sized tensor: ~3% of the loss at H=896, V=151936 (profiled).
+        self.dw = torch.empty(w.shape, dtype=work, device=w.device) if need[1] else None
+        self._dw_written = False
         self.db = (
             torch.zeros(w.shape[0], dtype=work, device=w.device)
             if need[2] and problem.bias is not None
@@ -164,11 +168,17 @@ class _GradSink:
                 self.dh.index_copy_(0, rows, torch.mm(d_in, w))
         if self.dw is not None:
             h_work = h_c if h_c.dtype == self.dw.dtype else h_c.to(self.dw.dtype)
-            self.dw.addmm_(dlogits.t(), h_work)
+            if self._dw_written:
+                self.dw.addmm_(dlogits.t(), h_work)
+            else:
+                torch.mm(dlogits.t(), h_work, out=self.dw)
+                self._dw_written = True
         if self.db is not None:
             self.db += dlogits.sum(dim=0)
 
     def result(self) -> Grads:
+        if self.dw is not None and not self._dw_written:  # no supervised token at all
+            self.dw.zero_()
         dh = _row_math(self.problem).reduce_grad_hidden(self.dh) if self.dh is not None else None
         return Grads(dh, self.dw, self.db)
 

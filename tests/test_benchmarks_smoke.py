@@ -1,0 +1,79 @@
+"""Smoke run of the benchmark machinery at tiny shapes (the real suite: pytest benchmarks).
+
+Checks that every loss the suite compares runs and agrees with the float64 oracle, that a
+case measured in a child process reports time and memory, and that the report writer produces
+the markdown table, the README snippet and the plot. A few seconds; no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pear_kernels.profiling import (
+    LOSSES,
+    Case,
+    PeerUnavailable,
+    crosscheck,
+    measure_in_child,
+    run_case,
+)
+
+TINY = dict(n=48, h=16, v=97, seq_len=16, prompt_frac=0.25)
+# in-process: no torch.compile (cut-cross-entropy compiles for ~10 s), no Triton interpreter
+FAST = [name for name in LOSSES if name not in ("cce_compile", "liger")]
+
+
+@pytest.mark.parametrize("variant", ["token", "sequence"])
+def test_losses_agree_with_oracle(variant):
+    res = crosscheck(Case(variant=variant, chunk_size=5, **TINY), FAST)
+    for name in FAST:
+        assert res[name]["status"] == "ok", (name, res[name])
+        if name != "floor":
+            assert res[name]["loss_err"] < 1e-5 and res[name]["dh_err"] < 1e-4 and res[name]["dw_err"] < 1e-4, (name, res[name])
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_run_case_in_process(name):
+    r = run_case(Case(loss=name, repeats=2, **TINY))
+    assert r.seconds > 0 and len(r.times) == 2 and r.extra_bytes >= 0
+    assert r.grad_bytes == (48 * 16 + 97 * 16) * 4
+
+
+def test_liger_without_interpreter_is_reported(monkeypatch):
+    pytest.importorskip("liger_kernel")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(PeerUnavailable, match="TRITON_INTERPRET"):
+        run_case(Case(loss="liger", **TINY))
+
+
+def test_measure_in_child_and_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import bench_report
+
+    rows = []
+    for name, n in (("fused", 32), ("naive", 32), ("floor", 32), ("fused", 64)):
+        case = Case(loss=name, **{**TINY, "n": n})
+        # one case through a child process, the rest in this one (a spawn costs ~2 s)
+        r = measure_in_child(case) if (name, n) == ("fused", 32) else run_case(case).to_dict()
+        assert r["status"] == "ok" and r["seconds"] > 0
+        r["group"] = "scaling"
+        rows.append(r)
+    rows.append({**rows[0], "loss": "torch_lce", "status": "unavailable", "reason": "not here"})
+    paths = bench_report.write_results(rows, str(tmp_path), "cpu", None)
+    table = open(paths["md"]).read()
+    assert "pear_kernels fused" in table and "not run" in table and "not here" in table
+    assert os.path.getsize(paths["png"]) > 1000
+    assert "Forward + backward, N=32" in open(paths["readme"]).read()
+    assert len(json.load(open(paths["json"]))["rows"]) == 5
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnknownMarkWarning")  # "large" is registered by benchmarks/conftest.py
+def test_suite_cases_name_known_losses():
+    from benchmarks import test_cpu_bench
+
+    names = {c.loss for _, c, _ in test_cpu_bench.CASES}
+    assert names <= set(LOSSES)
+    assert any(c.n == 8192 and c.h == 2048 and c.v == 151936 and large for _, c, large in test_cpu_bench.CASES)
