@@ -52,7 +52,9 @@ def native_extension():
     ext = CppExtension(
         "pear_kernels._native",
         ["csrc/pear_rows.cpp"],
-        extra_compile_args=["-O3", "-fopenmp-simd", f"-march={arch}"],
+        # -fopenmp: at::parallel_for is a header template; without it the rows run on one thread
+        extra_compile_args=["-O3", "-fopenmp", f"-march={arch}"],
+        extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": OptionalBuildExt}
 

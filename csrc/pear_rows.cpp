@@ -12,7 +12,8 @@
 //
 // and the PEAR scan over a chunk (suffix sums with carry, log-weights) in one loop.
 //
-// exp is a branch-free float polynomial the compiler vectorises (glibc's vector expf is only
+// Rows are split over ATen's intra-op threads (at::parallel_for; the build passes -fopenmp, without
+// which that header template runs serially). exp is a branch-free float polynomial the compiler vectorises (glibc's vector expf is only
 // declared under -ffast-math, which would also break the -inf handling we need):
 //   exp(x) = 2^n * exp(r),  n = round(x / ln 2),  r = x - n ln 2 in [-ln2/2, ln2/2]
 //   exp(r) ~ 1 + r + r^2/2! + ... + r^7/7!   (Horner; truncation error < 2e-9 on that range,
@@ -38,7 +39,9 @@ inline float exp_poly(float x) {
   const float kLn2Lo = -2.12194440e-4f;
   const float lo = -87.33654f, hi = 88.72283f;
   float xc = x < lo ? lo : (x > hi ? hi : x);
-  float n = std::nearbyint(xc * kLog2e);
+  // round to nearest by the 1.5 * 2^23 trick (nearbyint is a libm call that stops vectorisation)
+  const float kRound = 12582912.f;
+  float n = (xc * kLog2e + kRound) - kRound;
   float r = xc - n * kLn2Hi - n * kLn2Lo;
   float p = 1.f / 5040.f;
   p = p * r + 1.f / 720.f;

@@ -138,6 +138,23 @@ def _fused(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
     )
 
 
+def _fused_on(backend):
+    """The fused loss pinned to one backend (e.g. the native row pass against the torch one)."""
+
+    def run(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+        from . import fused_pear_loss
+        from .kernels import native_cpu
+
+        if backend == "native" and not native_cpu.available():
+            raise PeerUnavailable(str(native_cpu.unavailable_reason()))
+        return fused_pear_loss(
+            hidden, weight, labels, behavior, cu_seqlens=cu, variant=variant,
+            chunk_size=chunk_size, backend=backend,
+        )
+
+    return run
+
+
 def _naive(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
     from . import reference_pear_loss
 
@@ -258,6 +275,8 @@ def _floor(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
 
 LOSSES: Dict[str, Callable] = {
     "fused": _fused,
+    "fused_torch": _fused_on("torch"),
+    "fused_native": _fused_on("native"),
     "naive": _naive,
     "floor": _floor,
     "torch_lce": _torch_lce,

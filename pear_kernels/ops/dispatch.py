@@ -26,8 +26,10 @@ from ..kernels import native_cpu, torch_chunked
 __all__ = ["BACKENDS", "select_backend", "requested_backend", "triton_available", "native_status"]
 
 BACKENDS = ("auto", "torch", "native", "triton")
-# Largest hidden size at which "auto" uses the native row pass on CPU: measured (README,
-# benchmarks/test_cpu_native.py) to win 7-12% at H <= 256 and to tie from H = 1024.
+# Largest hidden size at which "auto" uses the native row pass on CPU. Measured round-robin on
+# 2 idle cores (benchmarks/test_cpu_native.py, N=2048, fp32, forward+backward), native/torch:
+# V=32000: H=64 0.88, 128 0.90, 256 0.94, 512 0.97, 1024 0.99, 2048 0.99;
+# V=151936: H=64 0.87, 256 0.93, 896 0.98. Above 512 the matmuls dominate and it is a tie.
 NATIVE_MAX_HIDDEN = 512
 ENV_VAR = "PEAR_KERNELS_BACKEND"
 
