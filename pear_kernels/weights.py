@@ -215,10 +215,9 @@ def compute_log_weights(
     log_ratio_sup: torch.Tensor, layout: SequenceLayout, config: PEARConfig
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Clipped and unclipped float64 log-weights for all M compact tokens at once."""
-    d = clip_log_ratio(log_ratio_sup, config)
-    incl = torch.empty_like(d)
-    fill_suffix_sums(d, incl, layout, 0, d.numel())
-    raw = log_weights_for_range(d, incl, layout, config, 0, d.numel())
+    m = log_ratio_sup.numel()
+    d = torch.empty(m, dtype=torch.float64, device=log_ratio_sup.device)
+    raw = scan_chunk(log_ratio_sup, d, torch.empty_like(d), layout, config, 0, m)
     return clip_log_weights(raw, config), raw
 
 

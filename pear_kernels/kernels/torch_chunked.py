@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..config import Variant
-from ..weights import clip_log_ratio, clip_log_weights, fill_suffix_sums, log_weights_for_range, scan_chunk
+from ..weights import clip_log_weights, scan_chunk
 from .problem import ForwardResult, Grads, PEARProblem, chunks_from_end
 
 __all__ = ["forward", "backward", "token_logprobs"]
@@ -230,9 +230,7 @@ def forward(
     prepass = config.variant is Variant.SEQUENCE and m > rows
     if prepass:
         logp_all = token_logprobs(problem)
-        d = clip_log_ratio(logp_all.to(torch.float64) - behavior, config)
-        fill_suffix_sums(d, incl, layout, 0, m)
-        log_w_raw = log_weights_for_range(d, incl, layout, config, 0, m)
+        log_w_raw = scan_chunk(logp_all.to(torch.float64) - behavior, d, incl, layout, config, 0, m)
         if sink is None:
             return _finish(problem, logp_all, behavior, log_w_raw, None)
 
