@@ -245,3 +245,13 @@ def test_autocast_region_runs_in_autocast_dtype():
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(h.grad, h2.grad.float())
     assert lp.dtype == torch.float32
+
+
+def test_in_place_change_before_recompute_backward_is_caught():
+    hidden, weight, labels, behavior, _ = make_problem((2, 7), 8, 30, torch.float64)
+    h = leaf(hidden)
+    x = h * 1.0
+    loss = fused_pear_loss(x, weight, labels, behavior, reduction="none")
+    x.add_(1.0)  # the recompute pass would read changed hidden states
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()

@@ -11,6 +11,7 @@ so ``backend.backward(problem, coef=-g)`` gives dh, dW, db (3 matmuls per chunk)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -29,15 +30,17 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             aux["entropy"] = entropy
         else:
             logp = backend.token_logprobs(problem)
-        ctx.save_for_backward(hidden, weight, bias)
-        ctx.problem, ctx.backend = problem, backend
+        ctx.save_for_backward(hidden, weight, bias)  # read back in backward: version-checked
+        ctx.problem, ctx.backend = replace(problem, hidden=None, weight=None, bias=None), backend
         ctx.need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         ctx.param_dtype = weight.dtype
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        grads = ctx.backend.backward(ctx.problem, -grad_logp.to(torch.float64), ctx.need)
+        hidden, weight, bias = ctx.saved_tensors
+        problem = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
+        grads = ctx.backend.backward(problem, -grad_logp.to(torch.float64), ctx.need)
         ctx.problem = None
         dw = grads.weight.to(ctx.param_dtype) if grads.weight is not None else None
         db = grads.bias.to(ctx.param_dtype) if grads.bias is not None else None

@@ -9,6 +9,7 @@ chunk by chunk with per-token factors grad_output_t * w_t.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -35,8 +36,10 @@ class FusedLinearPEARFunction(torch.autograd.Function):
             token_loss = -(result.log_w.exp() * result.logp.to(torch.float64))
             loss = torch.zeros(layout.n_tokens, dtype=out_dtype, device=hidden.device)
             loss[layout.sup_index] = token_loss.to(out_dtype)
-            # the problem holds hidden, weight and bias for the recompute pass
-            ctx.problem, ctx.need = problem, need
+            # hidden, weight and bias go through save_for_backward so that an in-place change
+            # before backward is caught by autograd's version check, not silently recomputed
+            ctx.save_for_backward(hidden, weight, bias)
+            ctx.problem, ctx.need = replace(problem, hidden=None, weight=None, bias=None), need
             ctx.log_w = result.log_w
         else:
             if reduction == "sum":
@@ -55,7 +58,8 @@ class FusedLinearPEARFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.reduction == "none":
-            problem = ctx.problem
+            hidden, weight, bias = ctx.saved_tensors
+            problem = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
             g = grad_out.reshape(-1)[problem.layout.sup_index].to(torch.float64)
             grads = ctx.backend.backward(problem, g * ctx.log_w.exp(), ctx.need)
             ctx.problem = None
