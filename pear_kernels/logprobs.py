@@ -6,13 +6,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .checks import check_inputs
 from .config import PEARConfig, Variant
-from .distributed import setup_vocab_parallel
-from .kernels.problem import PEARProblem
-from .ops.amp import leave_autocast
 from .ops.fused_linear_logprobs import fused_linear_logprobs
-from .weights import build_layout
+from .problem_inputs import prepare_problem
 
 __all__ = ["fused_token_logprobs"]
 
@@ -39,29 +35,18 @@ def fused_token_logprobs(
     ``vocab_parallel_group``: lm_head_weight/bias are this rank's vocabulary shard, as in
     fused_pear_loss (same contract: identical inputs on every rank, full hidden gradient).
     """
-    hidden, lm_head_weight, bias, autocast_off = leave_autocast(hidden, lm_head_weight, bias)
-    dummy_behavior = torch.zeros(labels.shape, dtype=hidden.dtype if hidden.is_floating_point() else torch.float32,
-                                 device=labels.device if torch.is_tensor(labels) else None)
-    vocab_parallel = None
-    if vocab_parallel_group is not None:
-        vocab_parallel, backend = setup_vocab_parallel(
-            vocab_parallel_group, lm_head_weight, labels, chunk_size, backend
-        )
-    chk = check_inputs(
+    # behavior log-probs play no part here: zeros pass every check on them
+    dummy_behavior = torch.zeros(labels.shape, device=labels.device) if torch.is_tensor(labels) else labels
+    prep = prepare_problem(
         hidden, lm_head_weight, labels, dummy_behavior,
-        bias=bias, cu_seqlens=None, temperature=temperature, reduction="none",
-        num_items_in_batch=None, ignore_index=ignore_index,
-        vocab_size=vocab_parallel.vocab_size if vocab_parallel is not None else None,
+        config=PEARConfig(variant=Variant.NONE, block_size=1), bias=bias, cu_seqlens=None,
+        temperature=temperature, reduction="none", num_items_in_batch=None,
+        ignore_index=ignore_index, chunk_size=chunk_size, backend=backend,
+        vocab_parallel_group=vocab_parallel_group,
     )
-    config = PEARConfig(variant=Variant.NONE)
-    layout = build_layout(chk.mask, block_size=1, row_length=chk.row_length)
-    problem = PEARProblem(
-        hidden=chk.hidden, weight=lm_head_weight, bias=bias, labels=chk.labels,
-        behavior_logprobs=chk.behavior_logprobs, layout=layout, config=config,
-        temperature=float(temperature), chunk_size=chunk_size, vocab_parallel=vocab_parallel,
-    )
-    with autocast_off:
-        out = fused_linear_logprobs(problem, with_entropy=return_entropy, backend=backend)
+    chk, layout = prep.checked, prep.problem.layout
+    with prep.autocast_off:
+        out = fused_linear_logprobs(prep.problem, with_entropy=return_entropy, backend=prep.backend)
     logp, entropy = out if return_entropy else (out, None)
 
     def full(values: torch.Tensor) -> torch.Tensor:

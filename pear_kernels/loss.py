@@ -6,14 +6,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .checks import check_inputs
 from .config import PEARConfig, Variant
-from .distributed import setup_vocab_parallel
-from .kernels.problem import PEARProblem
-from .ops.amp import leave_autocast
 from .ops.fused_linear_pear import fused_linear_pear
+from .problem_inputs import prepare_problem
 from .stats import PEARStats, summarize
-from .weights import build_layout
 
 __all__ = ["fused_pear_loss", "PEARLoss"]
 
@@ -76,30 +72,15 @@ def fused_pear_loss(
         variant=variant, gamma=gamma, block_size=block_size,
         delta_clip=delta_clip, log_weight_clip=log_weight_clip,
     )
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    hidden, lm_head_weight, bias, autocast_off = leave_autocast(hidden, lm_head_weight, bias)
-    vocab_parallel = None
-    if vocab_parallel_group is not None:
-        vocab_parallel, backend = setup_vocab_parallel(
-            vocab_parallel_group, lm_head_weight, labels, chunk_size, backend
-        )
-    chk = check_inputs(
+    prep = prepare_problem(
         hidden, lm_head_weight, labels, behavior_logprobs,
-        bias=bias, cu_seqlens=cu_seqlens, temperature=temperature, reduction=reduction,
-        num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
-        vocab_size=vocab_parallel.vocab_size if vocab_parallel is not None else None,
+        config=config, bias=bias, cu_seqlens=cu_seqlens, temperature=temperature,
+        reduction=reduction, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+        chunk_size=chunk_size, backend=backend, vocab_parallel_group=vocab_parallel_group,
     )
-    layout = build_layout(
-        chk.mask, block_size=config.block_size, row_length=chk.row_length, cu_seqlens=cu_seqlens
-    )
-    problem = PEARProblem(
-        hidden=chk.hidden, weight=lm_head_weight, bias=bias, labels=chk.labels,
-        behavior_logprobs=chk.behavior_logprobs, layout=layout, config=config,
-        temperature=float(temperature), chunk_size=chunk_size, vocab_parallel=vocab_parallel,
-    )
-    with autocast_off:
-        loss, result = fused_linear_pear(problem, reduction, num_items_in_batch, backend)
+    problem, chk, layout = prep.problem, prep.checked, prep.problem.layout
+    with prep.autocast_off:
+        loss, result = fused_linear_pear(problem, reduction, num_items_in_batch, prep.backend)
     if reduction == "none":
         loss = loss.reshape(chk.input_shape)
     if not return_stats:

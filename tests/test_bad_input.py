@@ -118,3 +118,8 @@ def test_token_logprobs_checks_labels(args):
     args["labels"][0, 3] = 99
     with pytest.raises(ValueError, match="labels"):
         fused_token_logprobs(args["hidden"], args["lm_head_weight"], args["labels"])
+
+
+def test_token_logprobs_checks_chunk_size(args):
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_token_logprobs(args["hidden"], args["lm_head_weight"], args["labels"], chunk_size=0)
