@@ -14,12 +14,15 @@ import pytest
 
 from pear_kernels.profiling import Case, measure_interleaved
 
-SHAPES = [(2048, h, 32000) for h in (64, 128, 256, 512, 1024, 2048)] + [
-    (2048, h, 151936) for h in (64, 256, 896)
+# default run: the ends of the range and the dispatch threshold; --large: the full sweep
+DEFAULT = [(2048, 64, 32000), (2048, 512, 32000), (2048, 64, 151936)]
+SWEEP = [(2048, h, 32000) for h in (128, 256, 1024, 2048)] + [(2048, h, 151936) for h in (256, 896)]
+SHAPES = [pytest.param(s, id=f"N{s[0]}-H{s[1]}-V{s[2]}") for s in DEFAULT] + [
+    pytest.param(s, id=f"N{s[0]}-H{s[1]}-V{s[2]}", marks=pytest.mark.large) for s in SWEEP
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"N{n}-H{h}-V{v}" for n, h, v in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_native_vs_torch(shape, bench_record, bench_repeats):
     n, h, v = shape
     cases = [Case(loss=name, n=n, h=h, v=v) for name in ("fused_torch", "fused_native")]
