@@ -20,7 +20,9 @@ MiB = 2**20
 # Loss names as the table shows them; the order is the table's order within a shape.
 LABELS = OrderedDict(
     [
-        ("fused", "pear_kernels fused (chunked torch)"),
+        ("fused", "pear_kernels fused (auto: native row pass at H <= 512, else chunked torch)"),
+        ("fused_torch", "pear_kernels fused, chunked torch backend"),
+        ("fused_native", "pear_kernels fused, native C++ row pass"),
         ("floor", "matmul floor"),
         ("naive", "naive (materialised logits)"),
         ("torch_lce", "torch linear_cross_entropy (default chunks) + PEAR weights"),
