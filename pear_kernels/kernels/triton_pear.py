@@ -40,8 +40,8 @@ __all__ = ["forward", "backward", "token_logprobs", "FUSED_ENV_VAR", "GPU_MIN_CH
 FUSED_ENV_VAR = "PEAR_KERNELS_TRITON_FUSED"
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Each chunk's dW += dlogits^T h reads and writes the fp32 dW (8 V H bytes) for 2 V H rows
-# FLOPs: rows / 4 FLOP per byte. The default 256 MiB budget gives ~440 rows at V = 152k
-# (110 FLOP/byte), far under an H100's ridge point (989 TFLOP/s / 3.35 TB/s = 295), i.e.
+# FLOPs: rows / 4 FLOP per byte. The default 128 MiB budget (CHUNK_BUDGET_BYTES) gives ~220
+# rows at V = 152k (55 FLOP/byte), far under an H100's ridge point (989 TFLOP/s / 3.35 TB/s = 295), i.e.
 # memory-bound; 1024 rows reach 256 FLOP/byte for 0.9 GiB of fp32 + bf16 logits, so on a GPU
 # chunks get at least that many rows unless the caller sets chunk_size.
 GPU_MIN_CHUNK_ROWS = 1024
