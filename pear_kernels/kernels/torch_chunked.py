@@ -116,7 +116,8 @@ def _logp_entropy_(z: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torc
     p = torch.exp(z)
     s = p.sum(dim=1)
     log_s = torch.log(s)
-    return tgt - log_s, log_s - (p * z).sum(dim=1) / s
+    p_dot_z = p.mul_(z).sum(dim=1)  # in place: no third (rows x V) array
+    return tgt - log_s, log_s - p_dot_z / s
 
 
 class LocalRows:
