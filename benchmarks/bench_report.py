@@ -1,6 +1,6 @@
 """Turning measured cases into the results the suite writes: JSON, a markdown table, a plot.
 
-Rows are the dicts of pear_kernels.profiling.measure_in_child (status "ok" or "unavailable"),
+Rows are the dicts of benchmarks.harness.measure_in_child (status "ok" or "unavailable"),
 plus a "group" naming the comparison they belong to. Ratios are taken within one shape
 (N, H, V, dtype, variant), between cases measured in the same run on the same inputs.
 """

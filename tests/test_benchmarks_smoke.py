@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from pear_kernels.profiling import (
+from benchmarks.harness import (
     LOSSES,
     Case,
     PeerUnavailable,

@@ -131,7 +131,7 @@ def make_inputs(case: Case):
 
 
 def _fused(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
-    from . import fused_pear_loss
+    from pear_kernels import fused_pear_loss
 
     return fused_pear_loss(
         hidden, weight, labels, behavior, cu_seqlens=cu, variant=variant, chunk_size=chunk_size
@@ -142,8 +142,8 @@ def _fused_on(backend):
     """The fused loss pinned to one backend (e.g. the native row pass against the torch one)."""
 
     def run(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
-        from . import fused_pear_loss
-        from .kernels import native_cpu
+        from pear_kernels import fused_pear_loss
+        from pear_kernels.kernels import native_cpu
 
         if backend == "native" and not native_cpu.available():
             raise PeerUnavailable(str(native_cpu.unavailable_reason()))
@@ -156,7 +156,7 @@ def _fused_on(backend):
 
 
 def _naive(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
-    from . import reference_pear_loss
+    from pear_kernels import reference_pear_loss
 
     return reference_pear_loss(hidden, weight, labels, behavior, cu_seqlens=cu, variant=variant)
 
@@ -167,7 +167,7 @@ def _pear_from_token_ce(token_ce, labels, behavior, cu, variant):
     The log-ratio is logp_theta - logp_beta = -ce - logp_beta, detached (the weight carries no
     gradient); the normalizer is the number of supervised tokens, as in fused_pear_loss.
     """
-    from .weights import pear_weights
+    from pear_kernels.weights import pear_weights
 
     mask = labels != IGNORE_INDEX
     log_ratio = -token_ce.detach().to(torch.float64) - behavior.to(torch.float64)
@@ -183,7 +183,7 @@ def _torch_lce(hidden, weight, labels, behavior, cu, variant, chunk_size=None, m
     from torch.nn import LinearCrossEntropyOptions
 
     if matched:
-        from .kernels.problem import default_chunk_size
+        from pear_kernels.kernels.problem import default_chunk_size
 
         rows = chunk_size or default_chunk_size(weight.shape[0], hidden.element_size())
         options = LinearCrossEntropyOptions(batch_chunk_size=rows)
@@ -238,7 +238,7 @@ def _floor(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
     dlogits). Sequence: one more logits matmul per chunk (the log-prob pre-pass) when the
     supervised tokens do not fit one chunk, as in the fused path.
     """
-    from .kernels.problem import default_chunk_size
+    from pear_kernels.kernels.problem import default_chunk_size
 
     mask = labels != IGNORE_INDEX
     idx = mask.nonzero().squeeze(1)
@@ -476,7 +476,7 @@ def crosscheck(case: Case, names) -> Dict[str, Dict]:
     Returns name -> {"loss_err", "dh_err", "dw_err"} (max abs error over max abs value) or
     {"status": "unavailable", "reason"}. Run it at small shapes.
     """
-    from . import reference_pear_loss
+    from pear_kernels import reference_pear_loss
 
     hidden, weight, labels, behavior, cu = make_inputs(case)
     h64 = hidden.detach().double().requires_grad_(True)
