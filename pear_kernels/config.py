@@ -1,6 +1,6 @@
 """PEARConfig: the knobs of the PEAR importance weight, validated once, in one place.
 
-Defaults follow ../shared/PEAR_SPEC.md: token variant, gamma 0.999, block size 4,
+Defaults follow docs/pear_math.md (the paper's recommended settings): token variant, gamma 0.999, block size 4,
 per-decision log-ratio clip [-0.08, 0.3], log-weight clip [-10, 5].
 """
 
@@ -52,7 +52,7 @@ def _as_pair(name: str, value: Any) -> Tuple[float, float]:
 
 @dataclass(frozen=True)
 class PEARConfig:
-    """Parameters of the PEAR weight (see PEAR_SPEC.md).
+    """Parameters of the PEAR weight (see docs/pear_math.md).
 
     Attributes:
         variant: "token" (default), "block", "sequence" or "none".

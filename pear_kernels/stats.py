@@ -1,4 +1,4 @@
-"""PEARStats: what a trainer should log about the weights (see PEAR_SPEC.md, pitfalls)."""
+"""PEARStats: what a trainer should log about the weights (see docs/pear_math.md, "Things to watch")."""
 
 from __future__ import annotations
 
