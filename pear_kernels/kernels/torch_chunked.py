@@ -58,33 +58,38 @@ class _LogitsBuffer:
     Allocating per chunk would keep two buffers alive at the hand-over (the old chunk's array
     is freed only after the new one exists), doubling the peak; reuse also spares the
     allocator a large malloc/free per chunk.
+
+    16-bit inputs: the logits must reach the softmax in fp32, not rounded to the input dtype
+    (a bf16 logit of magnitude 20 is off by up to 0.06, which moves every log-prob). CPU BLAS
+    has no 16-bit-in / fp32-out matmul, so the weight is upcast once per pass (``weight``,
+    also used for dh) and the chunk's hidden rows once per chunk; the matmuls then run in fp32
+    straight into the fp32 buffer. The fp32 weight copy costs 2 bytes per parameter (4 for
+    fp16/bf16 -> fp32 minus the 2 of the original) for the duration of the call.
     """
 
     def __init__(self, problem: PEARProblem):
         self.problem = problem
         self.work = _work_dtype(problem.hidden.dtype)
+        w = problem.weight
+        self.weight = w if w.dtype == self.work else w.to(self.work)
+        b = problem.bias
+        self.bias = b if b is None or b.dtype == self.work else b.to(self.work)
         self.buf: Optional[torch.Tensor] = None
 
     def logits(self, h_c: torch.Tensor) -> torch.Tensor:
         """(rows, V) logits of a chunk in the working dtype, divided by the temperature."""
-        problem = self.problem
-        w, b = problem.weight, problem.bias
+        w, b = self.weight, self.bias
         c = h_c.shape[0]
         if self.buf is None or self.buf.shape[0] < c:
             self.buf = torch.empty(c, w.shape[0], dtype=self.work, device=w.device)
         out = self.buf[:c]
-        if h_c.dtype == self.work:
-            if b is not None:
-                torch.addmm(b, h_c, w.t(), out=out)
-            else:
-                torch.mm(h_c, w.t(), out=out)
+        h_work = h_c if h_c.dtype == self.work else h_c.to(self.work)
+        if b is not None:
+            torch.addmm(b, h_work, w.t(), out=out)
         else:
-            # 16-bit matmul (fp32 accumulation inside the BLAS), softmax math in fp32
-            out.copy_(torch.mm(h_c, w.t()))
-            if b is not None:
-                out += b
-        if problem.temperature != 1.0:
-            out.mul_(1.0 / problem.temperature)
+            torch.mm(h_work, w.t(), out=out)
+        if self.problem.temperature != 1.0:
+            out.mul_(1.0 / self.problem.temperature)
         return out
 
 
@@ -142,8 +147,9 @@ def _row_math(problem: PEARProblem):
 class _GradSink:
     """Accumulates dh (scattered into token rows), dW and db from per-chunk dlogits."""
 
-    def __init__(self, problem: PEARProblem, need: Tuple[bool, bool, bool]):
+    def __init__(self, problem: PEARProblem, need: Tuple[bool, bool, bool], work_weight: torch.Tensor):
         h, w = problem.hidden, problem.weight
+        self.work_weight = work_weight  # the weight in the working dtype (fp32 for 16-bit)
         work = _work_dtype(h.dtype)
         self.need = need
         self.problem = problem
@@ -160,13 +166,15 @@ class _GradSink:
         )
 
     def add(self, dlogits: torch.Tensor, h_c: torch.Tensor, rows) -> None:
-        w = self.problem.weight
+        w = self.work_weight
         if self.dh is not None:
-            d_in = dlogits if dlogits.dtype == w.dtype else dlogits.to(w.dtype)
-            if isinstance(rows, slice):
-                torch.mm(d_in, w, out=self.dh[rows])
+            # fp32 dlogits @ fp32 weight for 16-bit inputs too, rounded once into dh's dtype
+            if isinstance(rows, slice) and self.dh.dtype == w.dtype:
+                torch.mm(dlogits, w, out=self.dh[rows])
+            elif isinstance(rows, slice):
+                self.dh[rows] = torch.mm(dlogits, w)
             else:
-                self.dh.index_copy_(0, rows, torch.mm(d_in, w))
+                self.dh.index_copy_(0, rows, torch.mm(dlogits, w).to(self.dh.dtype))
         if self.dw is not None:
             h_work = h_c if h_c.dtype == self.dw.dtype else h_c.to(self.dw.dtype)
             if self._dw_written:
@@ -184,7 +192,7 @@ class _GradSink:
         return Grads(dh, self.dw, self.db)
 
 
-def token_logprobs(problem: PEARProblem, with_entropy: bool = False):
+def token_logprobs(problem: PEARProblem, with_entropy: bool = False, buffer: Optional["_LogitsBuffer"] = None):
     """(M,) log pi_theta of every supervised label, one chunk of logits at a time.
 
     With ``with_entropy`` also returns the (M,) entropy of each token's distribution,
@@ -195,7 +203,7 @@ def token_logprobs(problem: PEARProblem, with_entropy: bool = False):
     work = _work_dtype(problem.hidden.dtype)
     out = torch.empty(m, dtype=work, device=problem.hidden.device)
     ent = torch.empty(m, dtype=work, device=problem.hidden.device) if with_entropy else None
-    buffer = _LogitsBuffer(problem)
+    buffer = buffer if buffer is not None else _LogitsBuffer(problem)
     rows_math = _row_math(problem)
     for start, end in chunks_from_end(m, problem.rows()):
         h_c = problem.hidden[_token_rows(problem, start, end)]
@@ -220,7 +228,8 @@ def forward(
     rows = problem.rows()
     behavior = problem.behavior_logprobs[layout.sup_index].to(torch.float64)
     want_grads = grad_scale is not None and any(need)
-    sink = _GradSink(problem, need) if want_grads else None
+    buffer = _LogitsBuffer(problem)
+    sink = _GradSink(problem, need, buffer.weight) if want_grads else None
 
     logp_all = torch.empty(m, dtype=_work_dtype(problem.hidden.dtype), device=device)
     d = torch.empty(m, dtype=torch.float64, device=device)
@@ -230,13 +239,12 @@ def forward(
     # The sequence weight needs every log-prob of a sequence before any of its gradients.
     prepass = config.variant is Variant.SEQUENCE and m > rows
     if prepass:
-        logp_all = token_logprobs(problem)
+        logp_all = token_logprobs(problem, buffer=buffer)
         log_w_raw = scan_chunk(logp_all.to(torch.float64) - behavior, d, incl, layout, config, 0, m)
         if sink is None:
             return _finish(problem, logp_all, behavior, log_w_raw, None)
 
     weights_known = prepass
-    buffer = _LogitsBuffer(problem)
     rows_math = _row_math(problem)
     for start, end in chunks_from_end(m, rows):
         token_rows = _token_rows(problem, start, end)
@@ -272,8 +280,8 @@ def _finish(problem, logp, behavior, log_w_raw, grads) -> ForwardResult:
 def backward(problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, bool]) -> Grads:
     """Recompute pass: gradients for per-token factors ``coef`` (M,) of w * grad_output."""
     layout = problem.layout
-    sink = _GradSink(problem, need)
     buffer = _LogitsBuffer(problem)
+    sink = _GradSink(problem, need, buffer.weight)
     rows_math = _row_math(problem)
     for start, end in chunks_from_end(layout.num_supervised, problem.rows()):
         token_rows = _token_rows(problem, start, end)

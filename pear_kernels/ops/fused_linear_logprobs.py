@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..kernels.problem import PEARProblem
 from .dispatch import select_backend
@@ -37,11 +38,14 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp):
+        # ctx.problem is kept: a second backward through a retained graph recomputes again
         hidden, weight, bias = ctx.saved_tensors
+        if not any(ctx.need):
+            return (None,) * 7
         problem = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
         grads = ctx.backend.backward(problem, -grad_logp.to(torch.float64), ctx.need)
-        ctx.problem = None
         dw = grads.weight.to(ctx.param_dtype) if grads.weight is not None else None
         db = grads.bias.to(ctx.param_dtype) if grads.bias is not None else None
         return grads.hidden, dw, db, None, None, None, None
