@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .config import REDUCTIONS
+from .config import REDUCTIONS, PEARConfig
 
-__all__ = ["CheckedInputs", "check_inputs", "check_cu_seqlens"]
+__all__ = ["CheckedInputs", "check_inputs", "check_cu_seqlens", "check_num_items", "check_weight_clip"]
 
 # Behavior log-probs a hair above 0 come from float rounding in the sampler (log of a
 # probability that rounded to 1); anything larger is a bug in the data, not rounding.
@@ -51,6 +52,38 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int, device: torch.devi
         raise ValueError(
             f"cu_seqlens must be non-decreasing, but cu_seqlens[{bad + 1}] = {int(cu[bad + 1])} "
             f"< cu_seqlens[{bad}] = {int(cu[bad])}"
+        )
+
+
+def check_num_items(num_items_in_batch) -> float:
+    """num_items_in_batch as a positive finite float (a number or a one-element tensor)."""
+    n = num_items_in_batch
+    if torch.is_tensor(n):
+        if n.numel() != 1:
+            raise ValueError(
+                f"num_items_in_batch must be a number or a one-element tensor, got a tensor of shape {tuple(n.shape)}"
+            )
+        if n.dtype == torch.bool or n.is_complex():
+            raise TypeError(f"num_items_in_batch must be a real number, got dtype {n.dtype}")
+        n = n.item()
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        raise TypeError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+    if not (n > 0 and math.isfinite(n)):
+        raise ValueError(f"num_items_in_batch must be a positive finite number, got {num_items_in_batch!r}")
+    return float(n)
+
+
+def check_weight_clip(config: PEARConfig, dtype: torch.dtype) -> None:
+    """The largest weight exp(log_weight_clip[1]) times a log-prob must stay finite in the
+    loss dtype (fp32, fp64 for fp64 inputs): an upper bound of, say, 100 would let one token's
+    loss overflow to inf."""
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    limit = math.log(torch.finfo(loss_dtype).max) - math.log(1e6)  # room for -log p up to 1e6
+    high = config.log_weight_clip[1]
+    if high > limit:
+        raise ValueError(
+            f"log_weight_clip upper bound {high} is too large: exp({high}) overflows {loss_dtype} "
+            f"losses (at most {limit:.1f} for {loss_dtype})"
         )
 
 
@@ -128,6 +161,16 @@ def check_inputs(
         raise TypeError(f"temperature must be a positive number, got {temperature!r}")
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    # logits are divided by the temperature in the working dtype (fp32, fp64 for fp64 inputs):
+    # a temperature whose reciprocal overflows it turns every logit into inf and the loss NaN
+    work_max = torch.finfo(torch.float64 if hidden.dtype == torch.float64 else torch.float32).max
+    if 1.0 / temperature > work_max / 1e4:
+        raise ValueError(
+            f"temperature {temperature!r} is too small: logits / temperature would overflow "
+            f"{'float64' if hidden.dtype == torch.float64 else 'float32'}"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int (e.g. -100), got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if num_items_in_batch is not None:
@@ -135,9 +178,7 @@ def check_inputs(
             raise ValueError(
                 f"num_items_in_batch only applies to reduction='mean', got reduction={reduction!r}"
             )
-        n = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or not n > 0:
-            raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+        check_num_items(num_items_in_batch)
 
     row_length = None
     if hidden.dim() == 3:

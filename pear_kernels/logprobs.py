@@ -35,8 +35,10 @@ def fused_token_logprobs(
     ``vocab_parallel_group``: lm_head_weight/bias are this rank's vocabulary shard, as in
     fused_pear_loss (same contract: identical inputs on every rank, full hidden gradient).
     """
+    if not torch.is_tensor(labels):
+        raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
     # behavior log-probs play no part here: zeros pass every check on them
-    dummy_behavior = torch.zeros(labels.shape, device=labels.device) if torch.is_tensor(labels) else labels
+    dummy_behavior = torch.zeros(labels.shape, device=labels.device)
     prep = prepare_problem(
         hidden, lm_head_weight, labels, dummy_behavior,
         config=PEARConfig(variant=Variant.NONE, block_size=1), bias=bias, cu_seqlens=None,

@@ -68,7 +68,7 @@ def fused_pear_loss(
 
     Returns the loss (float32 for 16-bit inputs), and PEARStats when ``return_stats``.
     """
-    config = (config or PEARConfig()).with_overrides(
+    config = PEARConfig.coerce(config).with_overrides(
         variant=variant, gamma=gamma, block_size=block_size,
         delta_clip=delta_clip, log_weight_clip=log_weight_clip,
     )
@@ -109,7 +109,7 @@ class PEARLoss(torch.nn.Module):
         **overrides,
     ):
         super().__init__()
-        self.config = (config or PEARConfig()).with_overrides(**overrides)
+        self.config = PEARConfig.coerce(config).with_overrides(**overrides)
         self.temperature = temperature
         self.reduction = reduction
         self.ignore_index = ignore_index

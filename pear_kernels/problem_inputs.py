@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .checks import CheckedInputs, check_inputs
+from .checks import CheckedInputs, check_inputs, check_weight_clip
 from .config import PEARConfig
 from .distributed import setup_vocab_parallel
 from .kernels.problem import PEARProblem
@@ -64,6 +64,7 @@ def prepare_problem(
         num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
         vocab_size=vocab_parallel.vocab_size if vocab_parallel is not None else None,
     )
+    check_weight_clip(config, chk.hidden.dtype)
     layout = build_layout(
         chk.mask, block_size=config.block_size, row_length=chk.row_length, cu_seqlens=cu_seqlens
     )

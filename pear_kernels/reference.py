@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .checks import check_inputs
+from .checks import check_inputs, check_weight_clip
 from .config import PEARConfig
 from .stats import PEARStats, summarize
 from .weights import build_layout, compute_log_weights
@@ -66,12 +66,13 @@ def reference_pear_loss(
     the whole computation runs in that precision; by default half-precision logits are upcast
     to float32 for the softmax, as Hugging Face models do.
     """
-    config = (config or PEARConfig()).with_overrides(**overrides)
+    config = PEARConfig.coerce(config).with_overrides(**overrides)
     chk = check_inputs(
         hidden, lm_head_weight, labels, behavior_logprobs,
         bias=bias, cu_seqlens=cu_seqlens, temperature=temperature, reduction=reduction,
         num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
     )
+    check_weight_clip(config, chk.hidden.dtype)
     h, w, b = chk.hidden, lm_head_weight, bias
     if compute_dtype is not None:
         h, w = h.to(compute_dtype), w.to(compute_dtype)
@@ -90,7 +91,8 @@ def reference_pear_loss(
     )
     idx = layout.sup_index
     logp = logprobs[idx, chk.labels[idx]]
-    log_ratio = logp.detach().to(torch.float64) - chk.behavior_logprobs[idx].to(torch.float64)
+    # both sides detached: the weight is a constant, no gradient reaches behavior_logprobs
+    log_ratio = logp.detach().to(torch.float64) - chk.behavior_logprobs[idx].detach().to(torch.float64)
     log_w, log_w_raw = compute_log_weights(log_ratio, layout, config)
     token_loss = -(log_w.exp().to(logp.dtype) * logp)
     loss = reduce_token_losses(

@@ -15,10 +15,10 @@ from dataclasses import replace
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..kernels.problem import PEARProblem
 from .dispatch import select_backend
+from .once import differentiable_once
 
 __all__ = ["FusedLinearLogprobsFunction", "fused_linear_logprobs"]
 
@@ -38,7 +38,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, grad_logp):
         # ctx.problem is kept: a second backward through a retained graph recomputes again
         hidden, weight, bias = ctx.saved_tensors

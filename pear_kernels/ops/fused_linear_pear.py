@@ -13,10 +13,10 @@ from dataclasses import replace
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..kernels.problem import ForwardResult, PEARProblem
 from .dispatch import select_backend
+from .once import differentiable_once
 
 __all__ = ["FusedLinearPEARFunction", "fused_linear_pear"]
 
@@ -93,7 +93,7 @@ class FusedLinearPEARFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, grad_out):
         if ctx.reduction == "none":
             hidden, weight, bias, log_w = ctx.saved_tensors
