@@ -370,3 +370,48 @@ def test_triton_imported_before_the_interpreter_is_a_clear_error(tp, monkeypatch
     monkeypatch.setattr(triton.language, "zeros", object())  # what a compiled-mode import leaves
     with pytest.raises(RuntimeError, match="before triton is first imported"):
         dispatch.select_backend(torch.device("cpu"), "triton")
+
+
+# ---------------------------------------------------------------- trust: oracle, isolation
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["chunked", "fused"])
+@pytest.mark.parametrize("variant", ["token", "block", "sequence"])
+def test_matches_direct_loop_oracle(tp, monkeypatch, variant, fused):
+    """Against tests/oracle.py (direct loops, no code shared with pear_kernels)."""
+    from .oracle import oracle_loss
+
+    monkeypatch.setenv("PEAR_KERNELS_TRITON_FUSED", "1" if fused else "0")
+    hid, w, b, y, beh = _problem(21, torch.float32, n=19, h=16, v=40)
+    cu = torch.tensor([0, 7, 19])
+    kw = dict(variant=variant, block_size=3, cu_seqlens=cu)
+    loss, grads = _run(fused_pear_loss, hid, w, b, y, beh, chunk_size=4, backend="triton", **kw)
+    ref, ref_grads = _run(lambda *a, **k: oracle_loss(*a, **k)[0], hid, w, b, y, beh, **kw)
+    _close(loss, ref, 2e-5, "loss")
+    for name, gt, gr in zip(("dh", "dW", "db"), grads, ref_grads):
+        _close(gt, gr, 2e-5, name)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["chunked", "fused"])
+@pytest.mark.parametrize("kind", ["nan_hidden", "huge_ratio", "inf_ratio"])
+def test_poison_in_one_sequence_stays_there(tp, monkeypatch, kind, fused):
+    """A NaN hidden state, a 1e30 or an infinite log-ratio in sequence 1 (unbounded delta
+    clip) leaves sequences 0 and 2 bit-identical, chunk boundaries inside sequences."""
+    monkeypatch.setenv("PEAR_KERNELS_TRITON_FUSED", "1" if fused else "0")
+    hid, w, b, y, beh = _problem(22, torch.float32, n=18, h=16, v=40, masked=(0,))
+    cu = torch.tensor([0, 6, 12, 18])
+    kw = dict(variant="token", cu_seqlens=cu, reduction="none", chunk_size=4, backend="triton",
+              delta_clip=(-float("inf"), float("inf")), bias=b)
+    clean = fused_pear_loss(hid, w, y, beh, **kw)
+    hp, bp = hid.clone(), beh.clone()
+    if kind == "nan_hidden":
+        hp[8] = float("nan")
+    elif kind == "huge_ratio":
+        bp[8] = -1e30
+    else:
+        bp[8] = -float("inf")
+    bad = fused_pear_loss(hp, w, y, bp, **kw)
+    others = torch.cat([torch.arange(0, 6), torch.arange(12, 18)])
+    torch.testing.assert_close(bad[others], clean[others], rtol=0, atol=0)
+    if kind != "nan_hidden":
+        assert torch.isfinite(bad).all()
