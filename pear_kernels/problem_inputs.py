@@ -15,7 +15,7 @@ import torch
 
 from .checks import CheckedInputs, check_inputs, check_weight_clip
 from .config import PEARConfig
-from .distributed import setup_vocab_parallel
+from .distributed import agree_vocab_parallel
 from .kernels.problem import PEARProblem
 from .ops.amp import leave_autocast
 from .weights import build_layout
@@ -53,18 +53,31 @@ def prepare_problem(
     ):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     hidden, lm_head_weight, bias, autocast_off = leave_autocast(hidden, lm_head_weight, bias)
-    vocab_parallel = None
-    if vocab_parallel_group is not None:
-        vocab_parallel, backend = setup_vocab_parallel(
-            vocab_parallel_group, lm_head_weight, labels, chunk_size, backend
+    def check(vocab_size=None):
+        chk = check_inputs(
+            hidden, lm_head_weight, labels, behavior_logprobs,
+            bias=bias, cu_seqlens=cu_seqlens, temperature=temperature, reduction=reduction,
+            num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, vocab_size=vocab_size,
         )
-    chk = check_inputs(
-        hidden, lm_head_weight, labels, behavior_logprobs,
-        bias=bias, cu_seqlens=cu_seqlens, temperature=temperature, reduction=reduction,
-        num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
-        vocab_size=vocab_parallel.vocab_size if vocab_parallel is not None else None,
-    )
-    check_weight_clip(config, chk.hidden.dtype)
+        check_weight_clip(config, chk.hidden.dtype)
+        return chk
+
+    vocab_parallel = None
+    if vocab_parallel_group is None:
+        chk = check()
+    else:
+        # validate locally, then agree across ranks before any collective: all raise or none.
+        # Labels are first checked against no upper bound (the global vocabulary is learned
+        # in the agreement), then against it: the agreed labels checksum makes that check
+        # give the same answer on every rank.
+        vocab_parallel, backend, chk = agree_vocab_parallel(
+            vocab_parallel_group, lambda: check(vocab_size=2**62),
+            hidden=hidden, weight=lm_head_weight, labels=labels, behavior_logprobs=behavior_logprobs,
+            bias=bias, cu_seqlens=cu_seqlens, config=config, reduction=reduction,
+            temperature=temperature, num_items_in_batch=num_items_in_batch,
+            ignore_index=ignore_index, chunk_size=chunk_size, backend=backend,
+        )
+        check(vocab_size=vocab_parallel.vocab_size)
     layout = build_layout(
         chk.mask, block_size=config.block_size, row_length=chk.row_length, cu_seqlens=cu_seqlens
     )
