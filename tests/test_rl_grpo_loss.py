@@ -135,3 +135,47 @@ def test_group_advantages_grpo_and_dr_grpo():
     torch.testing.assert_close(d, (g - g.mean(1, keepdim=True)).reshape(-1))
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(rewards, 5)
+
+
+# -- issue: bad arguments are refused by name; a retained graph can be back-propagated twice
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(eps_low=float("nan")), "eps_low"),
+    (dict(eps_high=float("nan")), "eps_high"),
+    (dict(eps_high=float("inf")), "eps_high"),
+])
+def test_grpo_refuses_nan_eps(kw, name):
+    logp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=name):
+        grpo_loss(logp, logp, torch.ones(2), torch.ones(2, 3, dtype=torch.bool), **kw)
+
+
+def test_grpo_refuses_nan_old_logprobs_on_completion_tokens():
+    logp = torch.zeros(2, 3)
+    old = torch.zeros(2, 3)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    old[0, 2] = float("nan")  # masked: allowed
+    grpo_loss(logp, old, torch.ones(2), mask)
+    old[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="old_logp"):
+        grpo_loss(logp, old, torch.ones(2), mask)
+
+
+def test_fused_grpo_second_backward_through_retained_graph():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    labels[:, :2] = -100
+    old = -torch.rand(2, 5, generator=g)
+    loss, _ = fused_grpo_loss(hidden, weight, labels, old, torch.tensor([1.0, -0.5]))
+    loss.backward(retain_graph=True)
+    first = hidden.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(hidden.grad, 2 * first)
+
+
+def test_nan_reward_refused():
+    with pytest.raises(ValueError, match="rewards contain NaN at index 2"):
+        group_advantages(torch.tensor([1.0, 0.0, float("nan"), 1.0]), 2)

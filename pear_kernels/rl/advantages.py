@@ -20,6 +20,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
         raise ValueError(
             f"rewards must be 1-D with a multiple of group_size={group_size} entries, got shape {tuple(rewards.shape)}"
         )
+    if bool(torch.isnan(rewards).any()):
+        # one NaN would turn its whole group's advantages to NaN
+        raise ValueError(f"rewards contain NaN at index {int(torch.isnan(rewards).nonzero()[0])}")
     r = rewards.to(torch.float32).view(-1, group_size)
     adv = r - r.mean(dim=1, keepdim=True)
     if scale_by_std and group_size > 1:

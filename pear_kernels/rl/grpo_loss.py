@@ -70,11 +70,19 @@ def grpo_loss(
         )
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must be ({logp.shape[0]},), got {tuple(advantages.shape)}")
-    if not (0.0 <= eps_low < 1.0) or eps_high < 0.0:
-        raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    if not (0.0 <= eps_low < 1.0):  # False for NaN too
+        raise ValueError(f"eps_low must be in [0, 1), got {eps_low!r}")
+    if not (0.0 <= eps_high < float("inf")):
+        raise ValueError(f"eps_high must be a finite number >= 0, got {eps_high!r}")
     if kl_coef and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp")
     mask = mask.bool()
+    for name, t in (("old_logp", old_logp), ("logp", logp), ("ref_logp", ref_logp)):
+        if t is not None and bool(torch.isnan(t.detach()[mask]).any()):
+            pos = tuple((torch.isnan(t.detach()) & mask).nonzero()[0].tolist())
+            raise ValueError(f"{name} is NaN on a completion token at position {pos}")
+    if bool(torch.isnan(advantages.detach()).any()):
+        raise ValueError(f"advantages contain NaN at index {int(torch.isnan(advantages).nonzero()[0])}")
     # masked positions may hold anything; zero their log-ratio so exp() stays finite there
     log_ratio = torch.where(mask, logp - old_logp.detach(), torch.zeros_like(logp))
     ratio = log_ratio.exp()
