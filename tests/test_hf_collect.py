@@ -110,7 +110,7 @@ def test_refuses_to_mix_collections(setup, tmp_path):
     other = hf_utils.write_jsonl(tmp_path / "other.jsonl", recs[:3])
     with pytest.raises(ValueError, match="different inputs"):
         collect_behavior_logprobs(model_dir, other, str(out), **_opts())
-    with pytest.raises(ValueError, match="different inputs"):
+    with pytest.raises(ValueError, match="different temperature"):
         collect_behavior_logprobs(model_dir, data, str(out), **_opts(temperature=0.7))
     res = collect_behavior_logprobs(model_dir, other, str(out), **_opts(overwrite=True))
     assert res.complete and len(read_collected(str(out))) == 3

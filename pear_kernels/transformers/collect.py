@@ -62,20 +62,119 @@ class CollectResult:
     complete: bool
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable (the directory entry itself is flushed)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a directory; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part."""
+    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part.
+
+    The file gets the permissions of an ordinary new file (0666 less the umask; mkstemp alone
+    would leave it 0600), and the directory is fsynced after the rename so that a crash cannot
+    lose a shard that the manifest already counts.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(directory)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+LOCK = ".collect.lock"
+
+
+class CollectionLockedError(ValueError):
+    """Another collector is writing into the same output directory."""
+
+
+class _DirLock:
+    """An exclusive lock file in the output directory (O_CREAT | O_EXCL), holding pid and host.
+
+    A second collector refuses instead of deleting the first one's temporary shard or
+    interleaving shards. A lock left by a process that no longer runs (same host) is stale and
+    taken over; a lock from another host is never broken automatically.
+    """
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, LOCK)
+        self.held = False
+
+    def __enter__(self):
+        import socket
+
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+            except FileExistsError:
+                owner = self._owner()
+                if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid")):
+                    os.unlink(self.path)  # stale: its process is gone
+                    continue
+                raise CollectionLockedError(
+                    f"{os.path.dirname(self.path)} is being written by another collector "
+                    f"(pid {owner.get('pid')} on {owner.get('host')}); wait for it, or, if no collector "
+                    f"runs there, remove {self.path}"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise CollectionLockedError(f"could not take the lock {self.path}")
+
+    def _owner(self) -> Dict[str, Any]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                owner = json.load(f)
+            return owner if isinstance(owner, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def __exit__(self, *exc):
+        if self.held:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.held = False
+        return False
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _shard_name(k: int) -> str:
@@ -94,24 +193,82 @@ def _load_model(model, tokenizer, device, dtype):
             kwargs["dtype"] = dtype
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if tokenizer is None:
+            if not any(os.path.exists(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+                raise FileNotFoundError(
+                    f"{path} has no tokenizer files; pass the tokenizer (--tokenizer DIR on the command line)"
+                )
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         ident = os.path.abspath(path)
         model = loaded
     else:
         if dtype is not None:
             model = model.to(dtype)
-        ident = f"{type(model).__name__}:{getattr(getattr(model, 'config', None), 'name_or_path', '')}"
+        ident = None
     if device is not None:
         model = model.to(device)
     return model, tokenizer, ident
 
 
-def _fingerprint(items, ident: str, settings: Dict[str, Any]) -> str:
+# Files whose bytes determine a model's outputs (weights and the architecture config).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def _model_digest(model, path: Optional[str]) -> str:
+    """sha256 of what determines the model's log-probs: the weight files' bytes and
+    config.json for a directory, the state dict's tensors for a model object. Re-saving other
+    weights into the same directory changes it, as it must."""
     h = hashlib.sha256()
-    h.update(json.dumps({"model": ident, **settings}, sort_keys=True).encode())
+    if path is not None:
+        names = sorted(n for n in os.listdir(path) if n.endswith(_WEIGHT_SUFFIXES) or n == "config.json")
+        for name in names:
+            h.update(name.encode() + b"\0")
+            with open(os.path.join(path, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+        return h.hexdigest()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _tokenizer_digest(tokenizer) -> Optional[str]:
+    """sha256 of the vocabulary, the special tokens and the chat template."""
+    if tokenizer is None:
+        return None
+    h = hashlib.sha256()
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
+    h.update(json.dumps(specials, sort_keys=True).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return h.hexdigest()
+
+
+def _identity(model, path, tokenizer, settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Everything that determines the stored log-probs, component by component, so that a
+    refused resume can say what differs."""
+    param = next(model.parameters(), None)
+    return {
+        "model weights": _model_digest(model, path),
+        "dtype": str(param.dtype) if param is not None else None,
+        "tokenizer": _tokenizer_digest(tokenizer),
+        **settings,
+    }
+
+
+def _fingerprint(items, identity: Dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(identity, sort_keys=True).encode())
     for _, _, _, p, r in items:
         h.update(json.dumps([p, r]).encode())
     return h.hexdigest()
+
+
+def _what_differs(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k)]
 
 
 def _plan(items, shard_size: int) -> List[List[int]]:
@@ -242,25 +399,41 @@ def _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, ma
             raise DataFormatError(f"{where}: empty prompt: the first response token would have no context")
         items.append((index, where, rec, p, r))
 
-    settings = {"temperature": float(temperature), "shard_size": shard_size, "version": FORMAT_VERSION}
-    fingerprint = _fingerprint(items, ident, settings)
+    settings = {
+        "temperature": float(temperature), "shard_size": shard_size, "version": FORMAT_VERSION,
+        "append_eos": bool(append_eos), "add_special_tokens": bool(add_special_tokens),
+        "max_length": max_length,
+    }
+    identity = _identity(model, ident, tokenizer, settings)
+    fingerprint = _fingerprint(items, identity)
     plan = _plan(items, shard_size)
     os.makedirs(output_dir, exist_ok=True)
+    with _DirLock(output_dir):
+        return _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings, ident, output_dir,
+                               max_tokens_per_batch, max_batch_size, temperature, resume, overwrite, progress,
+                               max_new_shards)
+
+
+def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings, ident, output_dir,
+                    max_tokens_per_batch, max_batch_size, temperature, resume, overwrite, progress,
+                    max_new_shards) -> CollectResult:
     manifest_path = os.path.join(output_dir, MANIFEST)
     if overwrite:
         for name in os.listdir(output_dir):
             if name == MANIFEST or name.startswith("shard-"):
                 os.unlink(os.path.join(output_dir, name))
     manifest = {
-        "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "model": ident,
+        "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "model": ident, "identity": identity,
         "num_examples": len(items), "num_shards": len(plan), "shards": plan, "complete": False, **settings,
     }
     if os.path.exists(manifest_path):
         old = _read_manifest(output_dir)
         if old.get("fingerprint") != fingerprint:
+            differs = _what_differs(old.get("identity") or {}, identity)
+            what = ("different " + ", ".join(differs)) if differs else "different inputs (the examples differ)"
             raise ValueError(
-                f"{output_dir} holds a collection of different inputs, model or settings; use another output "
-                "directory or overwrite=True"
+                f"{output_dir} holds a collection made with {what}; resuming would mix two "
+                "collections. Use another output directory or overwrite=True"
             )
         if not resume:
             raise ValueError(f"{output_dir} already holds this collection; pass resume=True or overwrite=True")

@@ -207,7 +207,9 @@ def iter_source(source) -> Iterator[Tuple[str, Dict[str, Any]]]:
             from .collect import read_collected
 
             for i, rec in enumerate(read_collected(path)):
-                yield f"{path}: row {i + 1}", rec
+                where = f"{path}: row {i + 1}"
+                _check_record(rec, where)  # the same type checks as a JSONL row
+                yield where, rec
         else:
             yield from read_records(path)
         return
@@ -290,6 +292,61 @@ def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
     return min(len(a), len(b))
 
 
+# Token ids are stored as int32 in Parquet shards and index an embedding table: anything at or
+# above 2**31 (or negative) is corrupt data, whatever the tokenizer.
+_MAX_TOKEN_ID = 2**31 - 1
+
+
+def _vocab_size(tokenizer) -> Optional[int]:
+    if tokenizer is None:
+        return None
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return getattr(tokenizer, "vocab_size", None)
+
+
+def _check_id_range(rec, ids: Sequence[int], tokenizer, where: str) -> None:
+    """Every stored id (prompt, response, behavior ids) is a valid index of the vocabulary."""
+    limit = _vocab_size(tokenizer)
+    upper = limit if limit is not None else _MAX_TOKEN_ID + 1
+    for name, values in (("input", ids), ("behavior_token_ids", rec.get("behavior_token_ids") or [])):
+        for pos, t in enumerate(values):
+            if not 0 <= t < upper:
+                what = f"the tokenizer's vocabulary of {limit}" if limit is not None else "int32 token ids"
+                raise DataFormatError(
+                    f"{where}: {name} id {t} at position {pos} is outside [0, {upper}) ({what})"
+                )
+
+
+def _check_stored_ids_retokenize(rec, prompt_ids, response_ids, tokenizer, index, where,
+                                 add_special_tokens, append_eos) -> None:
+    """A record that stores both text and token ids (what ``collect`` writes) is re-tokenised
+    with the training tokenizer: the stored ids must be what this tokenizer makes of the text.
+    A tokenizer that differs from the collection's (another class, another vocabulary, another
+    special-token setting) would otherwise pair every log-prob with the wrong token."""
+    if tokenizer is None or rec.get("prompt_ids") is None:
+        return
+    has_text = rec.get("messages") is not None or (
+        isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str)
+    )
+    if not has_text:
+        return
+    text_only = {k: v for k, v in rec.items() if k not in ("prompt_ids", "response_ids")}
+    p2, r2 = tokenize_record(text_only, tokenizer, where=where, add_special_tokens=add_special_tokens,
+                             append_eos=append_eos)
+    stored, fresh = list(prompt_ids) + list(response_ids), p2 + r2
+    if stored != fresh:
+        pos = _first_difference(stored, fresh)
+        s_ = stored[pos] if pos < len(stored) else "<end>"
+        t_ = fresh[pos] if pos < len(fresh) else "<end>"
+        raise MisalignedExampleError(
+            index, where, pos, s_, t_,
+            " (the stored token ids are not this tokenizer's tokenization of the stored text: the "
+            "training tokenizer, append_eos or add_special_tokens differ from the collection's)",
+        )
+
+
 def build_example(
     rec: Dict[str, Any],
     tokenizer=None,
@@ -305,6 +362,9 @@ def build_example(
     prompt_ids, response_ids = tokenize_record(
         rec, tokenizer, where=where, add_special_tokens=add_special_tokens, append_eos=append_eos
     )
+    _check_id_range(rec, prompt_ids + response_ids, tokenizer, where)
+    _check_stored_ids_retokenize(rec, prompt_ids, response_ids, tokenizer, index, where,
+                                 add_special_tokens, append_eos)
     input_ids = prompt_ids + response_ids
     P, L = len(prompt_ids), len(input_ids)
     logprobs = rec.get("behavior_logprobs")
