@@ -47,7 +47,8 @@ def test_round_trip_matches_full_logits(setup, tmp_path):
     for rec, row in zip(recs, rows):
         assert row["id"] == rec["id"] and row["prompt"] == rec["prompt"]
         assert row["prompt_ids"] == tok(rec["prompt"])["input_ids"]
-        assert row["behavior_token_ids"] == tok(rec["response"], add_special_tokens=False)["input_ids"]
+        # EOS is appended by default (as TRL does), so the student learns to stop
+        assert row["behavior_token_ids"] == tok(rec["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ref = hf_utils.reference_response_logprobs(teacher, row["prompt_ids"], row["response_ids"])
         assert row["behavior_logprobs"] == pytest.approx(ref, abs=2e-5)
     # the directory loads straight into training examples, aligned
@@ -129,8 +130,9 @@ def test_cli_collect_and_merge(setup, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["complete"] is True
     rows = [json.loads(line) for line in merged.read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(7))
+    # a missing model directory is a file system error (exit code 4, see --help)
     assert main(["collect", "--model", str(tmp_path / "nope"), "--tokenizer", tok_dir, "--data", data,
-                 "--output", str(out)]) == 1
+                 "--output", str(out)]) == 4
 
 
 def test_ingest_vllm_style_logprobs(tmp_path):

@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .. import fused_token_logprobs
-from .data import DataFormatError, iter_source, tokenize_record
+from .data import DataFormatError, _decode_json_line, iter_source, tokenize_record
 from .head import call_through_head
 
 __all__ = [
@@ -341,7 +341,7 @@ def collect_behavior_logprobs(
     temperature: float = 1.0,
     max_length: Optional[int] = None,
     add_special_tokens: bool = True,
-    append_eos: bool = False,
+    append_eos: bool = True,
     resume: bool = True,
     overwrite: bool = False,
     progress: bool = True,
@@ -359,6 +359,8 @@ def collect_behavior_logprobs(
         shard_size: examples per atomically written shard (the unit of resumption).
         temperature: the sampling temperature of the behavior policy (logits are divided by it).
         max_length: truncate prompt + response to this many tokens.
+        append_eos: append the tokenizer's EOS to text responses (default, as TRL's SFT does,
+            so the student learns to stop); part of the collection's fingerprint.
         resume: reuse complete shards of an earlier run with the same inputs and settings.
         overwrite: delete an earlier collection in ``output_dir`` first.
         max_new_shards: stop after writing this many shards (time-boxed jobs; rerun to go on).
@@ -492,14 +494,21 @@ def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings,
 def _read_manifest(output_dir: str) -> Dict[str, Any]:
     path = os.path.join(output_dir, MANIFEST)
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        with open(path, "rb") as f:
+            manifest = _decode_json_line(f.read(), path)
     except FileNotFoundError:
         raise DataFormatError(f"{output_dir}: no {MANIFEST}: not a collection directory") from None
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(f"{path}: invalid JSON ({exc.msg})") from None
+    if not isinstance(manifest, dict):
+        raise DataFormatError(f"{path}: a manifest must be a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataFormatError(f"{path}: unsupported format_version {manifest.get('format_version')!r}")
+    shards, n = manifest.get("shards"), manifest.get("num_examples")
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+        raise DataFormatError(f"{path}: malformed manifest: 'num_examples' must be a non-negative integer")
+    if not (isinstance(shards, list) and all(
+        isinstance(m, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in m) for m in shards
+    )):
+        raise DataFormatError(f"{path}: malformed manifest: 'shards' must be a list of lists of example indices")
     return manifest
 
 
@@ -519,13 +528,10 @@ def _check_row(row: Dict[str, Any], where: str) -> None:
 
 def _read_shard(path: str, items_expected: Optional[List[int]] = None) -> List[Dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(f"{where}: invalid JSON: {exc.msg}") from None
+            row = _decode_json_line(raw, where)
             if not isinstance(row, dict):
                 raise DataFormatError(f"{where}: a row must be a JSON object")
             _check_row(row, where)

@@ -111,18 +111,30 @@ def _short(v) -> str:
     return f"{type(v).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
+def _decode_json_line(raw: bytes, where: str) -> Any:
+    """One JSONL line: undecodable bytes, invalid or too deeply nested JSON name file and line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(
+            f"{where}: undecodable bytes at column {exc.start + 1} (the file is not UTF-8 text)"
+        ) from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        hint = " (the file looks truncated)" if not line.endswith("\n") else ""
+        raise DataFormatError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}{hint}") from None
+    except RecursionError:
+        raise DataFormatError(f"{where}: JSON nested too deeply to read") from None
+
+
 def _read_jsonl(path: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    with open(path, "r", encoding="utf-8") as f:
-        lineno = 0
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                hint = " (the file looks truncated)" if not line.endswith("\n") else ""
-                raise DataFormatError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}{hint}") from None
+            rec = _decode_json_line(raw, where)
             _check_record(rec, where)
             yield where, rec
 
@@ -306,6 +318,25 @@ def _vocab_size(tokenizer) -> Optional[int]:
         return getattr(tokenizer, "vocab_size", None)
 
 
+def _stored_ids_end_with_eos(rec, tokenizer, where, add_special_tokens) -> bool:
+    """For a text record: do its stored behavior ids equal the tokenization plus EOS?"""
+    stored = rec.get("behavior_token_ids")
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if stored is None or eos is None or not stored or stored[-1] != eos:
+        return False
+    if rec.get("prompt_ids") is not None and rec.get("messages") is None and not isinstance(rec.get("response"), str):
+        return False  # an ids record: nothing is tokenized
+    try:
+        p, r = tokenize_record(rec, tokenizer, where=where, add_special_tokens=add_special_tokens, append_eos=False)
+    except DataFormatError:
+        return False
+    if rec.get("prompt_ids") is not None:  # ids and text (a collected row): the text decides
+        text_only = {k: v for k, v in rec.items() if k not in ("prompt_ids", "response_ids")}
+        p, r = tokenize_record(text_only, tokenizer, where=where, add_special_tokens=add_special_tokens,
+                               append_eos=False)
+    return list(stored) in (r + [eos], p + r + [eos])
+
+
 def _check_id_range(rec, ids: Sequence[int], tokenizer, where: str) -> None:
     """Every stored id (prompt, response, behavior ids) is a valid index of the vocabulary."""
     limit = _vocab_size(tokenizer)
@@ -355,10 +386,18 @@ def build_example(
     where: str = "record",
     max_length: Optional[int] = None,
     add_special_tokens: bool = True,
-    append_eos: bool = False,
+    append_eos: Optional[bool] = None,
     ignore_index: int = -100,
 ) -> Dict[str, List]:
-    """One training example: input_ids, attention_mask, labels and aligned behavior_logprobs."""
+    """One training example: input_ids, attention_mask, labels and aligned behavior_logprobs.
+
+    ``append_eos`` (text records): True appends the tokenizer's EOS to the response, False
+    does not, None (default) follows the stored ``behavior_token_ids``: EOS is appended exactly
+    when the data was collected with it (collection appends it by default, as TRL does), so
+    the stored ids decide and nothing is guessed.
+    """
+    if append_eos is None:
+        append_eos = _stored_ids_end_with_eos(rec, tokenizer, where, add_special_tokens)
     prompt_ids, response_ids = tokenize_record(
         rec, tokenizer, where=where, add_special_tokens=add_special_tokens, append_eos=append_eos
     )
@@ -451,11 +490,12 @@ def load_pear_dataset(
     max_length: Optional[int] = None,
     skip_misaligned: bool = False,
     add_special_tokens: bool = True,
-    append_eos: bool = False,
+    append_eos: Optional[bool] = None,
     ignore_index: int = -100,
 ) -> PEARDataset:
     """Load and align PEAR examples from JSONL/Parquet files, a ``collect`` output dir, or records.
 
+    ``append_eos``: see build_example (None: follow the stored token ids).
     ``max_length`` truncates from the end; an example left without a supervised token is
     skipped and counted. ``skip_misaligned`` skips (and counts, in ``.skipped``) examples whose
     stored token ids differ from the tokenization instead of raising MisalignedExampleError.
