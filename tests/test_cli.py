@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -63,12 +61,25 @@ def test_directory_as_file_is_one_line(tmp_path, capsys):
     _assert_one_line(err)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
-def test_permission_denied_is_one_line(data, capsys):
-    os.chmod(data, 0)
+@pytest.mark.parametrize("code,text", [
+    (errno.EACCES, "Permission denied"), (errno.ENOSPC, "no space left"), (errno.EFBIG, "file too large"),
+])
+def test_os_errors_are_one_line(tmp_path, data, capsys, monkeypatch, code, text):
+    """Permission (root reads every file here, so it is injected), disk full, file too large."""
+    import builtins
+
+    real_open = builtins.open
+
+    def failing_open(path, *a, **k):
+        if os.fspath(path) == os.fspath(data):
+            raise OSError(code, os.strerror(code), os.fspath(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
     rc, _, err = _run(["validate", data], capsys)
     assert rc == 4
     _assert_one_line(err)
+    assert text in err and os.fspath(data) in err
 
 
 def test_undecodable_bytes_name_file_and_line(tmp_path, capsys):
