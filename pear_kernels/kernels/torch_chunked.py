@@ -118,6 +118,10 @@ def _logp_entropy_(z: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torc
     m_row = z.amax(dim=1, keepdim=True)
     tgt = z.gather(1, y[:, None]).squeeze(1) - m_row.squeeze(1)
     z.sub_(m_row)
+    # -inf logits (a -inf bias masking padded vocabulary): p = 0 there, and 0 * -inf would be
+    # NaN in sum p z; the most negative finite value gives the same exp (0) and a 0 product.
+    # NaN stays NaN (clamp propagates it), so a poisoned row is not hidden.
+    z.clamp_(min=torch.finfo(z.dtype).min)
     p = torch.exp(z)
     s = p.sum(dim=1)
     log_s = torch.log(s)
@@ -153,7 +157,10 @@ class _GradSink:
         work = _work_dtype(h.dtype)
         self.need = need
         self.problem = problem
-        self.dh = torch.zeros_like(h) if need[0] else None
+        # 16-bit inputs: dh stays fp32 and is rounded once, after the upstream gradient (a
+        # GradScaler's scale included) is applied; rounding w * grad_scale * dlogits @ W to
+        # fp16 here would flush small gradients to zero before the scaler could lift them
+        self.dh = torch.zeros(h.shape, dtype=work, device=h.device) if need[0] else None
         # dW is written, not zero-filled: the first chunk's matmul overwrites it (beta = 0) and
         # later chunks accumulate. Zero-filling a (V, H) buffer is a full pass over a
         # parameter-sized tensor: ~3% of the loss at H=896, V=151936 (profiled).
@@ -168,13 +175,11 @@ class _GradSink:
     def add(self, dlogits: torch.Tensor, h_c: torch.Tensor, rows) -> None:
         w = self.work_weight
         if self.dh is not None:
-            # fp32 dlogits @ fp32 weight for 16-bit inputs too, rounded once into dh's dtype
-            if isinstance(rows, slice) and self.dh.dtype == w.dtype:
+            # fp32 dlogits @ fp32 weight, for 16-bit inputs too
+            if isinstance(rows, slice):
                 torch.mm(dlogits, w, out=self.dh[rows])
-            elif isinstance(rows, slice):
-                self.dh[rows] = torch.mm(dlogits, w)
             else:
-                self.dh.index_copy_(0, rows, torch.mm(dlogits, w).to(self.dh.dtype))
+                self.dh.index_copy_(0, rows, torch.mm(dlogits, w))
         if self.dw is not None:
             h_work = h_c if h_c.dtype == self.dw.dtype else h_c.to(self.dw.dtype)
             if self._dw_written:

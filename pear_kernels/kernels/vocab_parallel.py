@@ -136,6 +136,7 @@ class VocabParallel:
         tgt = self._target_logit(z, y)
         m = self._row_max_(z)
         z.sub_(m[:, None])
+        z.clamp_(min=torch.finfo(z.dtype).min)  # -inf logits: p = 0 and p * z = 0, not NaN
         p = torch.exp(z)
         stats = torch.stack([p.sum(dim=1), (p * z).sum(dim=1), tgt])
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)

@@ -46,9 +46,10 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             return (None,) * 7
         problem = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
         grads = ctx.backend.backward(problem, -grad_logp.to(torch.float64), ctx.need)
+        dh = grads.hidden.to(hidden.dtype) if grads.hidden is not None else None
         dw = grads.weight.to(ctx.param_dtype) if grads.weight is not None else None
         db = grads.bias.to(ctx.param_dtype) if grads.bias is not None else None
-        return grads.hidden, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None
 
 
 def fused_linear_logprobs(problem: PEARProblem, with_entropy: bool = False, backend: Optional[str] = None):

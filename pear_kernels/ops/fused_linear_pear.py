@@ -63,6 +63,7 @@ class FusedLinearPEARFunction(torch.autograd.Function):
         out_dtype = _loss_dtype(hidden.dtype)
         ctx.reduction, ctx.backend, ctx.need = reduction, backend, need
         ctx.param_dtype = weight.dtype
+        ctx.hidden_dtype = hidden.dtype
         if reduction == "none":
             result: ForwardResult = backend.forward(problem)
             token_loss = -(result.log_w.exp() * result.logp.to(torch.float64))
@@ -83,11 +84,11 @@ class FusedLinearPEARFunction(torch.autograd.Function):
             result = backend.forward(problem, grad_scale=scale, need=need)
             loss = (result.loss_sum * scale).to(out_dtype)
             grads = result.grads
-            dh = dw = db = None
-            if grads is not None:
-                dh = grads.hidden
-                dw = grads.weight.to(ctx.param_dtype) if grads.weight is not None else None
-                db = grads.bias.to(ctx.param_dtype) if grads.bias is not None else None
+            # saved in the working precision (fp32 for 16-bit inputs) and rounded to the
+            # parameters' dtype only after the upstream gradient is applied: a GradScaler's
+            # scale (65536 is not even an fp16 number) or a small grad_output must not meet
+            # a gradient already rounded to 16 bits
+            dh, dw, db = (grads.hidden, grads.weight, grads.bias) if grads is not None else (None,) * 3
             ctx.save_for_backward(dh, dw, db)
         aux["result"] = result
         return loss
@@ -102,11 +103,14 @@ class FusedLinearPEARFunction(torch.autograd.Function):
             problem = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
             g = grad_out.reshape(-1)[problem.layout.sup_index].to(torch.float64)
             grads = ctx.backend.backward(problem, g * log_w.exp(), ctx.need)
-            dh = grads.hidden
+            dh = grads.hidden.to(ctx.hidden_dtype) if grads.hidden is not None else None
             dw = grads.weight.to(ctx.param_dtype) if grads.weight is not None else None
             db = grads.bias.to(ctx.param_dtype) if grads.bias is not None else None
         else:
             dh, dw, db = (_scale_by(t, grad_out) for t in ctx.saved_tensors)
+            dh = dh.to(ctx.hidden_dtype) if dh is not None else None
+            dw = dw.to(ctx.param_dtype) if dw is not None else None
+            db = db.to(ctx.param_dtype) if db is not None else None
         return dh, dw, db, None, None, None, None, None, None
 
 
