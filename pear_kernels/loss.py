@@ -36,6 +36,7 @@ def fused_pear_loss(
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
     vocab_parallel_group=None,
+    check_values: bool = True,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, PEARStats]]:
     """PEAR-weighted SFT loss straight from final hidden states; never builds (N x V) logits.
 
@@ -65,6 +66,10 @@ def fused_pear_loss(
             gradients are the local shard's. The hidden-state gradient is already summed over
             the group (as Megatron's ColumnParallelLinear does in its input region), so it is the
             full gradient on every rank: do not all-reduce it again. Chunked PyTorch path only.
+        check_values: False skips the checks that read values (labels in range, behavior
+            log-probs finite-or--inf and <= 0), which on a GPU stall the stream once each; for
+            data validated beforehand (``pear-kernels validate``). A bad label then fails in the
+            kernel (an index error, a device-side assert on CUDA) instead of with a message.
 
     Returns the loss (float32 for 16-bit inputs), and PEARStats when ``return_stats``.
     """
@@ -77,6 +82,7 @@ def fused_pear_loss(
         config=config, bias=bias, cu_seqlens=cu_seqlens, temperature=temperature,
         reduction=reduction, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
         chunk_size=chunk_size, backend=backend, vocab_parallel_group=vocab_parallel_group,
+        check_values=check_values,
     )
     problem, chk, layout = prep.problem, prep.checked, prep.problem.layout
     with prep.autocast_off:

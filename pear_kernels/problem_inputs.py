@@ -47,6 +47,7 @@ def prepare_problem(
     chunk_size: Optional[int],
     backend: Optional[str],
     vocab_parallel_group,
+    check_values: bool = True,
 ) -> PreparedProblem:
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
@@ -58,6 +59,7 @@ def prepare_problem(
             hidden, lm_head_weight, labels, behavior_logprobs,
             bias=bias, cu_seqlens=cu_seqlens, temperature=temperature, reduction=reduction,
             num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, vocab_size=vocab_size,
+            check_values=check_values,
         )
         check_weight_clip(config, chk.hidden.dtype)
         return chk

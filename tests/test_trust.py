@@ -302,3 +302,15 @@ def test_stats_of_plain_sft_have_no_clip_fractions():
     assert s["pear/mean_weight"] == 1.0
     _, stats = fused_pear_loss(*_args(), variant="token", return_stats=True)
     assert "pear/ratio_clip_fraction" in stats.scalars()
+
+
+def test_check_values_switch_skips_only_value_checks():
+    hidden, weight, labels, behavior = _args()
+    bad = behavior.clone()
+    bad[(labels != -100).nonzero()[0]] = float("nan")
+    with pytest.raises(ValueError, match="behavior_logprobs"):
+        fused_pear_loss(hidden, weight, labels, bad)
+    out = fused_pear_loss(hidden, weight, labels, bad, check_values=False, reduction="none", variant="sequence")
+    assert torch.isnan(out).any()  # the caller's promise, not a silent clean number
+    with pytest.raises(ValueError, match="labels must have shape"):
+        fused_pear_loss(hidden, weight, labels[:-1], behavior[:-1], check_values=False)
