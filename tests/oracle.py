@@ -90,6 +90,9 @@ def oracle_loss(
     reduction: str = "mean",
     num_items=None,
     ignore_index: int = -100,
+    softcap: Optional[float] = None,
+    lse_square_scale: float = 0.0,
+    label_smoothing: float = 0.0,
 ):
     """(loss, per-token weights) in float64. ``hidden``/``weight``/``bias`` may require grad:
     the loss is differentiable w.r.t. them (the weights are constants, as in the definition).
@@ -106,8 +109,12 @@ def oracle_loss(
     logits = h @ w.t()
     if bias is not None:
         logits = logits + bias.to(torch.float64)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
+    lse_all = torch.logsumexp(logits, dim=-1)
+    V = logits.shape[-1]
     token_loss = [None] * n
     weights = [0.0] * n
     count = 0
@@ -121,7 +128,15 @@ def oracle_loss(
         )
         for i, g in zip(sup, lw):
             weights[i] = math.exp(g)
-            token_loss[i] = -weights[i] * logp_all[i, int(y[i])]
+            ce = -logp_all[i, int(y[i])]
+            if label_smoothing:
+                smooth = 0.0
+                for v in range(V):  # mean over the vocabulary of -log p[v], as a loop
+                    smooth = smooth - logp_all[i, v]
+                ce = (1.0 - label_smoothing) * ce + label_smoothing * smooth / V
+            token_loss[i] = weights[i] * ce
+            if lse_square_scale:
+                token_loss[i] = token_loss[i] + lse_square_scale * lse_all[i] ** 2
     zero = logits.sum() * 0.0
     per_token = torch.stack([t if t is not None else zero for t in token_loss]) if n else zero.reshape(0)
     wt = torch.tensor(weights, dtype=torch.float64)

@@ -76,8 +76,8 @@ def forward(problem, grad_scale=None, need=(False, False, False)):
     return torch_chunked.forward(_native_problem(problem), grad_scale, need)
 
 
-def backward(problem, coef, need):
-    return torch_chunked.backward(_native_problem(problem), coef, need)
+def backward(problem, coef, need, ucoef=None):
+    return torch_chunked.backward(_native_problem(problem), coef, need, ucoef)
 
 
 def token_logprobs(problem, with_entropy: bool = False):

@@ -34,7 +34,7 @@ import torch
 
 from ..config import Variant
 from ..weights import clip_log_weights, scan_chunk
-from .problem import ForwardResult, Grads, PEARProblem, chunks_from_end
+from .problem import ForwardResult, Grads, LossOptions, PEARProblem, chunks_from_end
 
 __all__ = ["forward", "backward", "token_logprobs"]
 
@@ -142,9 +142,86 @@ class LocalRows:
         return dh
 
 
+class OptionRows(LocalRows):
+    """Row math with the loss options (softcap, z-loss, label smoothing) and the per-token
+    logsumexp. One instance per pass: it keeps the chunk's lse, mean logit and softcap
+    derivative between softmax_stats_ and dlogits_ext_.
+
+    Gradients, per token with upstream factors coef (= w * dL/dloss_t, the PEAR-weighted part)
+    and ucoef (= dL/dloss_t, unweighted: the z-loss), z the capped and tempered logits:
+
+        token_ce = (1 - eps) (-log p_y) + eps (lse - mean_v z_v)
+            d/dz = p - (1 - eps) onehot(y) - eps / V
+        z_loss   = s_z lse^2                     d/dz = 2 s_z lse p
+        softcap  z = c tanh(r / c) / T,  r = h W^T + b:   dz/dr = (1 - tanh^2(r / c)) / T
+    """
+
+    def __init__(self, options: LossOptions, temperature: float):
+        self.o = options
+        self.temperature = temperature
+        self._dcap_buf: Optional[torch.Tensor] = None
+        self.dcap: Optional[torch.Tensor] = None
+        self.lse: Optional[torch.Tensor] = None
+        self.zmean: Optional[torch.Tensor] = None
+
+    def _cap_(self, z: torch.Tensor) -> torch.Tensor:
+        """In place: z (= r / T) -> c tanh(r / c) / T; keeps 1 - tanh^2 for the gradient."""
+        c = self.o.softcap
+        if c is None:
+            self.dcap = None
+            return z
+        t = z.mul_(self.temperature / c).tanh_()
+        if self._dcap_buf is None or self._dcap_buf.shape[0] < z.shape[0] or self._dcap_buf.shape[1] != z.shape[1]:
+            self._dcap_buf = torch.empty_like(z)
+        d = self._dcap_buf[: z.shape[0]]
+        torch.mul(t, t, out=d)
+        d.neg_().add_(1.0)
+        self.dcap = d
+        return z.mul_(c / self.temperature)
+
+    def softmax_stats_(self, z: torch.Tensor, y: torch.Tensor):
+        z = self._cap_(z)
+        self.zmean = z.mean(dim=1) if self.o.label_smoothing else None
+        tgt = z.gather(1, y[:, None]).squeeze(1)
+        m = z.amax(dim=1, keepdim=True)
+        z.sub_(m).exp_()
+        s = z.sum(dim=1)
+        self.lse = m.squeeze(1) + torch.log(s)
+        return tgt - self.lse, s
+
+    def logp_entropy_(self, z: torch.Tensor, y: torch.Tensor):
+        return _logp_entropy_(self._cap_(z), y)
+
+    def token_terms(self, logp: torch.Tensor):
+        """(token_ce, z_loss) of the chunk just passed through softmax_stats_, float64."""
+        eps = self.o.label_smoothing
+        nll = -logp.to(torch.float64)
+        lse = self.lse.to(torch.float64)
+        ce = nll if not eps else (1.0 - eps) * nll + eps * (lse - self.zmean.to(torch.float64))
+        zl = self.o.lse_square_scale * lse * lse if self.o.lse_square_scale else torch.zeros_like(lse)
+        return ce, zl
+
+    def dlogits_ext_(self, expz, s, y, coef, ucoef):
+        """In place: exp(z - m) -> dloss/dr for weighted factors coef and unweighted ucoef
+        (both already divided by the temperature)."""
+        eps = self.o.label_smoothing
+        factor = coef
+        if self.o.lse_square_scale:
+            factor = coef + ucoef * (2.0 * self.o.lse_square_scale) * self.lse.to(coef.dtype)
+        expz.mul_((factor / s)[:, None])
+        expz.scatter_add_(1, y[:, None], -(coef * (1.0 - eps))[:, None].to(expz.dtype))
+        if eps:
+            expz.sub_((coef * (eps / expz.shape[1]))[:, None])
+        if self.dcap is not None:
+            expz.mul_(self.dcap)
+        return expz
+
+
 def _row_math(problem: PEARProblem):
     if problem.vocab_parallel is not None:
         return problem.vocab_parallel
+    if problem.options.active or problem.want_lse:
+        return OptionRows(problem.options, problem.temperature)
     return problem.row_math if problem.row_math is not None else LocalRows
 
 
@@ -241,22 +318,30 @@ def forward(
     incl = torch.empty(m, dtype=torch.float64, device=device)
     log_w_raw = torch.empty(m, dtype=torch.float64, device=device)
 
+    rows_math = _row_math(problem)
+    extras = isinstance(rows_math, OptionRows)
+    token_ce = torch.empty(m, dtype=torch.float64, device=device) if extras else None
+    z_loss = torch.empty(m, dtype=torch.float64, device=device) if extras else None
+    lse_all = torch.empty(m, dtype=torch.float64, device=device) if extras else None
+
     # The sequence weight needs every log-prob of a sequence before any of its gradients.
     prepass = config.variant is Variant.SEQUENCE and m > rows
     if prepass:
         logp_all = token_logprobs(problem, buffer=buffer)
         log_w_raw = scan_chunk(logp_all.to(torch.float64) - behavior, d, incl, layout, config, 0, m)
-        if sink is None:
+        if sink is None and not extras:
             return _finish(problem, logp_all, behavior, log_w_raw, None)
 
     weights_known = prepass
-    rows_math = _row_math(problem)
     for start, end in chunks_from_end(m, rows):
         token_rows = _token_rows(problem, start, end)
         h_c = problem.hidden[token_rows]
         y = problem.labels[layout.sup_index[start:end]]
         expz = buffer.logits(h_c)
         logp, sumexp = rows_math.softmax_stats_(expz, y)
+        if extras:
+            token_ce[start:end], z_loss[start:end] = rows_math.token_terms(logp)
+            lse_all[start:end] = rows_math.lse
         if not weights_known:
             logp_all[start:end] = logp
             # (sequence variant without pre-pass: this one chunk holds every token)
@@ -264,14 +349,24 @@ def forward(
             log_w_raw[start:end] = rows_math.scan(log_ratio, d, incl, layout, config, start, end)
         if sink is not None:
             w = clip_log_weights(log_w_raw[start:end], config).exp()
-            coef = (w * (grad_scale / problem.temperature)).to(expz.dtype)
-            sink.add(rows_math.dlogits_(expz, sumexp, y, coef), h_c, token_rows)
-    return _finish(problem, logp_all, behavior, log_w_raw, sink.result() if sink else None)
+            unit = grad_scale / problem.temperature
+            coef = (w * unit).to(expz.dtype)
+            if extras:
+                ucoef = torch.full_like(coef, unit)
+                dl = rows_math.dlogits_ext_(expz, sumexp, y, coef, ucoef)
+            else:
+                dl = rows_math.dlogits_(expz, sumexp, y, coef)
+            sink.add(dl, h_c, token_rows)
+    return _finish(problem, logp_all, behavior, log_w_raw, sink.result() if sink else None,
+                   token_ce, z_loss, lse_all)
 
 
-def _finish(problem, logp, behavior, log_w_raw, grads) -> ForwardResult:
+def _finish(problem, logp, behavior, log_w_raw, grads, token_ce=None, z_loss=None, lse=None) -> ForwardResult:
     log_w = clip_log_weights(log_w_raw, problem.config)
-    loss_sum = -(log_w.exp() * logp.to(torch.float64)).sum()
+    ce = -logp.to(torch.float64) if token_ce is None else token_ce
+    loss_sum = (log_w.exp() * ce).sum()
+    if z_loss is not None:
+        loss_sum = loss_sum + z_loss.sum()
     return ForwardResult(
         logp=logp,
         log_ratio=logp.to(torch.float64) - behavior,
@@ -279,15 +374,21 @@ def _finish(problem, logp, behavior, log_w_raw, grads) -> ForwardResult:
         log_w=log_w,
         loss_sum=loss_sum,
         grads=grads,
+        token_ce=token_ce,
+        z_loss=z_loss,
+        lse=lse,
     )
 
 
-def backward(problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, bool]) -> Grads:
-    """Recompute pass: gradients for per-token factors ``coef`` (M,) of w * grad_output."""
+def backward(problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, bool],
+             ucoef: Optional[torch.Tensor] = None) -> Grads:
+    """Recompute pass: gradients for per-token factors ``coef`` (M,) of w * grad_output
+    (and, with loss options, ``ucoef`` (M,) = grad_output for the unweighted z-loss)."""
     layout = problem.layout
     buffer = _LogitsBuffer(problem)
     sink = _GradSink(problem, need, buffer.weight)
     rows_math = _row_math(problem)
+    extras = isinstance(rows_math, OptionRows)
     for start, end in chunks_from_end(layout.num_supervised, problem.rows()):
         token_rows = _token_rows(problem, start, end)
         h_c = problem.hidden[token_rows]
@@ -295,5 +396,10 @@ def backward(problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, b
         expz = buffer.logits(h_c)
         _, sumexp = rows_math.softmax_stats_(expz, y)
         c = (coef[start:end] / problem.temperature).to(expz.dtype)
-        sink.add(rows_math.dlogits_(expz, sumexp, y, c), h_c, token_rows)
+        if extras:
+            u = ucoef[start:end] if ucoef is not None else torch.zeros_like(coef[start:end])
+            dl = rows_math.dlogits_ext_(expz, sumexp, y, c, (u / problem.temperature).to(expz.dtype))
+        else:
+            dl = rows_math.dlogits_(expz, sumexp, y, c)
+        sink.add(dl, h_c, token_rows)
     return sink.result()

@@ -54,7 +54,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
 def fused_linear_logprobs(problem: PEARProblem, with_entropy: bool = False, backend: Optional[str] = None):
     """(M,) log-probs of the problem's supervised labels (and (M,) entropies, detached)."""
-    module = select_backend(problem.hidden.device, backend, problem.hidden.shape[-1])
+    module = select_backend(problem.hidden.device, backend, problem.hidden.shape[-1],
+                            options=problem.options.active)
     aux: dict = {}
     logp = FusedLinearLogprobsFunction.apply(
         problem.hidden, problem.weight, problem.bias, problem, module, with_entropy, aux

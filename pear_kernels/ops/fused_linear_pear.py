@@ -66,7 +66,10 @@ class FusedLinearPEARFunction(torch.autograd.Function):
         ctx.hidden_dtype = hidden.dtype
         if reduction == "none":
             result: ForwardResult = backend.forward(problem)
-            token_loss = -(result.log_w.exp() * result.logp.to(torch.float64))
+            ce = -result.logp.to(torch.float64) if result.token_ce is None else result.token_ce
+            token_loss = result.log_w.exp() * ce
+            if result.z_loss is not None:
+                token_loss = token_loss + result.z_loss
             loss = torch.zeros(layout.n_tokens, dtype=out_dtype, device=hidden.device)
             loss[layout.sup_index] = token_loss.to(out_dtype)
             # hidden, weight and bias go through save_for_backward so that an in-place change
@@ -102,7 +105,10 @@ class FusedLinearPEARFunction(torch.autograd.Function):
                 return (None,) * 9
             problem = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
             g = grad_out.reshape(-1)[problem.layout.sup_index].to(torch.float64)
-            grads = ctx.backend.backward(problem, g * log_w.exp(), ctx.need)
+            if problem.options.active:  # the z-loss takes the upstream gradient unweighted
+                grads = ctx.backend.backward(problem, g * log_w.exp(), ctx.need, ucoef=g)
+            else:
+                grads = ctx.backend.backward(problem, g * log_w.exp(), ctx.need)
             dh = grads.hidden.to(ctx.hidden_dtype) if grads.hidden is not None else None
             dw = grads.weight.to(ctx.param_dtype) if grads.weight is not None else None
             db = grads.bias.to(ctx.param_dtype) if grads.bias is not None else None
@@ -121,7 +127,8 @@ def fused_linear_pear(
     backend: Optional[str] = None,
 ):
     """Run the Function; returns (loss, ForwardResult)."""
-    module = select_backend(problem.hidden.device, backend, problem.hidden.shape[-1])
+    module = select_backend(problem.hidden.device, backend, problem.hidden.shape[-1],
+                            options=problem.options.active or problem.want_lse)
     need = _needed_grads(problem.hidden, problem.weight, problem.bias)
     aux: dict = {}
     loss = FusedLinearPEARFunction.apply(
