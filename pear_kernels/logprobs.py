@@ -30,7 +30,8 @@ def fused_token_logprobs(
 
     Shapes as in fused_pear_loss. Returns a float32 tensor of labels' shape (float64 for
     float64 inputs) holding 0 where labels == ignore_index; with ``return_entropy`` also the
-    per-token entropy (detached), 0 where masked.
+    per-token entropy, 0 where masked; both are differentiable (an entropy bonus gets its
+    gradient, dH/dz = -p (z - E_p z)).
 
     ``vocab_parallel_group``: lm_head_weight/bias are this rank's vocabulary shard, as in
     fused_pear_loss (same contract: identical inputs on every rank, full hidden gradient).

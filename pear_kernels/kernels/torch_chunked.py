@@ -36,7 +36,7 @@ from ..config import Variant
 from ..weights import clip_log_weights, scan_chunk
 from .problem import ForwardResult, Grads, LossOptions, PEARProblem, chunks_from_end
 
-__all__ = ["forward", "backward", "token_logprobs"]
+__all__ = ["forward", "backward", "token_logprobs", "backward_with_entropy"]
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -402,4 +402,46 @@ def backward(problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, b
         else:
             dl = rows_math.dlogits_(expz, sumexp, y, c)
         sink.add(dl, h_c, token_rows)
+    return sink.result()
+
+
+def backward_with_entropy(problem: PEARProblem, coef: torch.Tensor, ent_coef: torch.Tensor,
+                          need: Tuple[bool, bool, bool]) -> Grads:
+    """Recompute pass for upstream gradients of both the log-probs and the entropies.
+
+    With z the (capped) tempered logits, p = softmax(z), H = lse(z) - sum_v p_v z_v:
+
+        d logp_y / dz_v = onehot_v(y) - p_v
+        d H / dz_v      = -p_v (z_v - E_p[z])        (shift invariant: z - m serves)
+
+    ``coef`` = -dL/dlogp (the factor of p - onehot, as in ``backward``), ``ent_coef`` = dL/dH.
+    """
+    if problem.vocab_parallel is not None:
+        raise ValueError("the entropy gradient is not implemented with vocab_parallel_group")
+    layout = problem.layout
+    buffer = _LogitsBuffer(problem)
+    sink = _GradSink(problem, need, buffer.weight)
+    cap = OptionRows(problem.options, problem.temperature) if problem.options.softcap is not None else None
+    for start, end in chunks_from_end(layout.num_supervised, problem.rows()):
+        token_rows = _token_rows(problem, start, end)
+        h_c = problem.hidden[token_rows]
+        y = problem.labels[layout.sup_index[start:end]]
+        z = buffer.logits(h_c)
+        if cap is not None:
+            z = cap._cap_(z)
+        z.sub_(z.amax(dim=1, keepdim=True))
+        z.clamp_(min=torch.finfo(z.dtype).min)  # -inf logits: p = 0, and 0 * finite = 0
+        e = torch.exp(z)
+        s = e.sum(dim=1)
+        ez = (e * z).sum(dim=1) / s
+        c = (coef[start:end] / problem.temperature).to(z.dtype)
+        hc = (ent_coef[start:end] / problem.temperature).to(z.dtype)
+        # z <- c p - hc p (z - E z) - c onehot. e multiplies (z - E z) first: where e = 0 (a
+        # -inf logit clamped to the most negative float) the product is 0 before any scaling
+        # could overflow it to inf (inf * 0 would be NaN)
+        z.sub_(ez[:, None]).mul_(e).mul_(-hc[:, None]).add_(e.mul_(c[:, None])).div_(s[:, None])
+        z.scatter_add_(1, y[:, None], -c[:, None])
+        if cap is not None:
+            z.mul_(cap.dcap)
+        sink.add(z, h_c, token_rows)
     return sink.result()
