@@ -96,6 +96,24 @@ def fused_pear_loss(
     float64 inputs. With any of return_z_loss, return_lse, return_stats a tuple
     ``(loss, z_loss?, lse?, stats?)`` in that order, holding only the ones asked for.
     """
+    if torch.compiler.is_compiling():
+        # one opaque custom op in the graph; every argument is validated inside it, at run time
+        if return_stats or return_z_loss or return_lse or vocab_parallel_group is not None:
+            raise ValueError(
+                "inside torch.compile fused_pear_loss returns the loss only: return_stats, "
+                "return_z_loss, return_lse and vocab_parallel_group need eager mode"
+            )
+        cfg = config if isinstance(config, PEARConfig) else PEARConfig()
+        return _compiled_loss(
+            hidden, lm_head_weight, labels, behavior_logprobs, bias,
+            variant if variant is not None else cfg.variant,
+            gamma if gamma is not None else cfg.gamma,
+            block_size if block_size is not None else cfg.block_size,
+            delta_clip if delta_clip is not None else cfg.delta_clip,
+            log_weight_clip if log_weight_clip is not None else cfg.log_weight_clip,
+            softcap, lse_square_scale, label_smoothing, cu_seqlens, temperature, reduction,
+            num_items_in_batch, ignore_index, chunk_size, backend, shift,
+        )
     config = PEARConfig.coerce(config).with_overrides(
         variant=variant, gamma=gamma, block_size=block_size,
         delta_clip=delta_clip, log_weight_clip=log_weight_clip,
@@ -134,6 +152,31 @@ def fused_pear_loss(
             result.logp, result.log_ratio, result.log_w_raw, result.log_w, layout, config, chk.input_shape
         ))
     return tuple(out)
+
+
+def _compiled_loss(hidden, weight, labels, behavior, bias, variant, gamma, block_size, delta_clip,
+                   log_weight_clip, softcap, lse_square_scale, label_smoothing, cu_seqlens, temperature,
+                   reduction, num_items, ignore_index, chunk_size, backend, shift):
+    """The loss through the pear_kernels::pear_loss custom op (ops/custom_op.py): one opaque
+    node in the compiled graph, no graph break, shapes from a fake implementation. Nothing
+    here reads a value: the op validates its arguments when it runs."""
+    from .ops.custom_op import pear_loss_op
+
+    if shift:
+        labels, behavior = shift_targets(labels, behavior, cu_seqlens, ignore_index)
+    grad = torch.is_grad_enabled()
+    if num_items is not None and not torch.is_tensor(num_items):
+        num_items = torch.tensor(float(num_items))
+    variant = variant.value if hasattr(variant, "value") else str(variant)
+    outputs = pear_loss_op(
+        hidden, weight, bias, labels, behavior, cu_seqlens, num_items,
+        variant, float(gamma), int(block_size), float(delta_clip[0]), float(delta_clip[1]),
+        float(log_weight_clip[0]), float(log_weight_clip[1]), float(temperature), reduction, int(ignore_index),
+        int(chunk_size or 0), backend or "", float(softcap) if softcap is not None else -1.0, float(lse_square_scale),
+        float(label_smoothing),
+        grad and hidden.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad,
+    )
+    return outputs[0]
 
 
 def layout_scatter(values: torch.Tensor, layout, shape, dtype) -> torch.Tensor:

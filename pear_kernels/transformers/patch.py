@@ -193,7 +193,8 @@ def _pear_loss_from_hidden(
         temperature=state.temperature,
         num_items_in_batch=num_items_in_batch,
         ignore_index=ignore_index,
-        return_stats=True,
+        # inside torch.compile the loss is one custom op returning the loss alone (no stats)
+        return_stats=not torch.compiler.is_compiling(),
         chunk_size=state.chunk_size,
         backend=state.backend,
     )
@@ -252,18 +253,19 @@ def _make_forward(original):
         backbone = getattr(self, self.base_model_prefix)
         outputs = backbone(**named, **extra)
         hidden_states = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-        loss, stats = _pear_loss_from_hidden(
+        result = _pear_loss_from_hidden(
             self, hidden_states, labels, shift_labels, behavior_logprobs,
             named.get("position_ids", extra.get("position_ids")), extra.get("seq_idx"),
             extra.get("cu_seq_lens_q"), num_items, ignore_index, state,
         )
+        loss, stats = result if isinstance(result, tuple) else (result, None)
         out = PEARCausalLMOutput(
             loss=loss,
             logits=None,
             past_key_values=getattr(outputs, "past_key_values", None),
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
-            pear_metrics=_stat_scalars(stats),
+            pear_metrics=_stat_scalars(stats) if stats is not None else None,
         )
         return out.to_tuple() if return_dict is False else out
 
