@@ -52,10 +52,19 @@ _STATE_ATTR = "_pear_patch_state"
 # Kwargs the loss consumes and the backbone must not see.
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
 
-# Config fields of architectures whose logits are not plain hidden @ W^T + b: the fused loss
-# cannot reproduce a softcap or a logit multiplier, so patching them is refused.
-_UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
-                                 "lm_head_multiplier", "logits_scaling")
+# Config fields of architectures whose logits are not plain hidden @ W^T + b and that the fused
+# loss does not reproduce (a logit multiplier): patching them is refused. A logit soft-cap
+# (Gemma 2/3 ``final_logit_softcapping``) is reproduced: it is passed to the loss as softcap.
+_UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def _logit_softcap(config) -> Optional[float]:
+    """The model's final-logit soft-cap (None when unset or 0)."""
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "final_logit_softcapping", None)
+    return float(value) if value else None
 
 
 @dataclass
@@ -90,7 +99,7 @@ def _check_logits_are_linear(config) -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
         value = getattr(text, name, None)
-        if value is not None and value != 1.0 and not (name == "final_logit_softcapping" and value == 0):
+        if value is not None and value != 1.0:
             raise ValueError(
                 f"cannot apply the fused PEAR loss: the model's config sets {name}={value!r}, so its logits "
                 "are not hidden @ lm_head.weight^T (+ bias) and the fused loss would compute a different model"
@@ -195,6 +204,7 @@ def _pear_loss_from_hidden(
         ignore_index=ignore_index,
         # inside torch.compile the loss is one custom op returning the loss alone (no stats)
         return_stats=not torch.compiler.is_compiling(),
+        softcap=_logit_softcap(getattr(self, "config", None)),
         chunk_size=state.chunk_size,
         backend=state.backend,
     )
