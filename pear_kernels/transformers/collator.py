@@ -9,6 +9,13 @@ supervised) and behavior_logprobs with 0.0 (unused where labels are -100).
 ``padding_free=True`` concatenates the batch into one row with ``position_ids`` restarting at 0
 for each example (what DataCollatorWithFlattening does); the patched forward recovers the
 sequence boundaries from the positions, so no PEAR weight crosses one.
+
+flash-attn: with ``attn_implementation="flash_attention_2"`` (GPU, flash-attn installed),
+transformers runs varlen attention on such a packed row: from ``position_ids`` it derives
+``cu_seq_lens_q/k`` and ``max_length_q/k`` itself, or takes them from the batch when
+``return_flash_attn_kwargs=True`` (int32 cumulative lengths, Python-int max lengths, exactly
+as DataCollatorWithFlattening(return_flash_attn_kwargs=True) returns them), which spares the
+derivation (a host sync) in every layer. No attention crosses a packed boundary either way.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ class PEARDataCollator:
     pad_to_multiple_of: Optional[int] = None
     padding_free: bool = False
     ignore_index: int = -100
+    return_flash_attn_kwargs: bool = False
 
     def __post_init__(self):
         if self.padding_side not in ("right", "left"):
@@ -75,12 +83,22 @@ class PEARDataCollator:
                 labels += [self.ignore_index] + r["labels"][1:]
             behavior = [v for r in rows for v in r["behavior_logprobs"]]
             positions = [p for r in rows for p in range(len(r["input_ids"]))]
-            return {
+            batch = {
                 "input_ids": torch.tensor([ids], dtype=torch.long),
                 "labels": torch.tensor([labels], dtype=torch.long),
                 "behavior_logprobs": torch.tensor([behavior], dtype=torch.float32),
                 "position_ids": torch.tensor([positions], dtype=torch.long),
             }
+            if self.return_flash_attn_kwargs:
+                lengths = [len(r["input_ids"]) for r in rows]
+                cu = [0]
+                for n in lengths:
+                    cu.append(cu[-1] + n)
+                batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor(cu, dtype=torch.int32)
+                batch["max_length_q"] = batch["max_length_k"] = max(lengths)
+            return batch
+        if self.return_flash_attn_kwargs:
+            raise ValueError("return_flash_attn_kwargs=True needs padding_free=True (a packed row)")
         length = max(len(r["input_ids"]) for r in rows)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
