@@ -45,6 +45,7 @@ __all__ = [
     "apply_pear_kernel_to_qwen3",
     "remove_pear_kernel",
     "pear_state",
+    "require_pear_forward",
 ]
 
 _STATE_ATTR = "_pear_patch_state"
@@ -88,9 +89,45 @@ class PEARPatchState:
     require_behavior_logprobs: bool = True
 
 
+def _effective_forward(model):
+    if isinstance(model, nn.Module):
+        f = model.__dict__.get("forward")
+        if f is None:
+            f = type(model).forward
+    else:
+        f = getattr(model, "forward", None)
+    return getattr(f, "__func__", f)
+
+
 def pear_state(model) -> Optional[PEARPatchState]:
-    """The patch state of a model instance or class, or None if it is not patched."""
-    return getattr(model, _STATE_ATTR, None)
+    """The patch state of a model instance or class, or None if it is not patched.
+
+    A model whose forward was replaced after the PEAR patch (for instance by Liger-Kernel's
+    ``apply_liger_kernel_to_*(fused_linear_cross_entropy=True)``, which swaps in its own
+    forward) is *not* patched any more, whatever state it still carries: it would compute
+    plain cross-entropy and ignore behavior_logprobs. Applying the PEAR patch again (the
+    trainers do) puts the PEAR forward back on top, keeping Liger's module patches (RMSNorm,
+    RoPE, SwiGLU) underneath.
+    """
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return None
+    if not getattr(_effective_forward(model), "_pear_patched", False):
+        return None
+    return state
+
+
+def require_pear_forward(model) -> None:
+    """Raise if ``model`` (PEFT-unwrapped) no longer runs the PEAR forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") and callable(model.get_base_model) else model
+    base = getattr(base, "module", base)  # DDP/accelerate wrappers
+    if getattr(base, _STATE_ATTR, None) is not None and pear_state(base) is None:
+        raise RuntimeError(
+            "the model's PEAR forward was replaced after apply_pear_kernel (e.g. by Liger-Kernel's "
+            "apply_liger_kernel_to_*(fused_linear_cross_entropy=True)): it would train with plain "
+            "cross-entropy. Apply the PEAR patch last (apply_pear_kernel(model) again), or pass "
+            "fused_linear_cross_entropy=False to Liger"
+        )
 
 
 def _check_logits_are_linear(config) -> None:

@@ -21,7 +21,7 @@ from transformers import Trainer
 
 from ..config import PEARConfig
 from .collator import PEARDataCollator
-from .patch import apply_pear_kernel, pear_state
+from .patch import apply_pear_kernel, pear_state, require_pear_forward
 
 __all__ = ["PEARTrainer", "PEARMetrics", "check_loss_not_replaced", "default_pear_collator", "prepare_pear_model"]
 
@@ -107,7 +107,15 @@ class PEARTrainer(Trainer):
         check_loss_not_replaced(self)
         self._pear_metrics = PEARMetrics()
 
+    def _set_signature_columns_if_needed(self):
+        # the columns come from the forward's signature: keep behavior_logprobs even when a later
+        # patch replaced the forward, so compute_loss can say what happened
+        super()._set_signature_columns_if_needed()
+        if "behavior_logprobs" not in self._signature_columns:
+            self._signature_columns.append("behavior_logprobs")
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        require_pear_forward(model)  # a later patch (Liger's fused CE) must not silently win
         if model.training and "labels" in inputs and "behavior_logprobs" not in inputs:
             raise KeyError(
                 "the batch has no 'behavior_logprobs': use PEARDataCollator and a data set from "
