@@ -15,8 +15,11 @@ $(VENV)/.base: setup.py csrc/pear_rows.cpp pear_kernels/kernels/native_cpu.py
 	$(PIP) --no-build-isolation -e .
 	touch $@
 
+# flash-attn has no CPU wheel: its Python files alone (no CUDA build) give its Triton
+# cross-entropy for the interpreter cross-check; optional, the test says why when absent
 $(VENV)/.full: $(VENV)/.base setup.py
 	$(PIP) --no-build-isolation -e ".[dev,hf,triton,bench]"
+	-FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE $(PIP) --no-build-isolation --no-deps flash-attn
 	touch $@
 
 # the demo runs the core and the RL loop only: transformers, not the test/bench/triton extras

@@ -21,6 +21,7 @@ LOSSES maps a name to one forward + backward of a PEAR loss on the same inputs:
     torch_lce_matched  the same with batch_chunk_size = the fused loss's chunk rows
     liger       Liger-Kernel's fused linear cross-entropy (Triton; the interpreter on CPU)
     cce_compile cut-cross-entropy's torch_compile implementation
+    flash_attn_ce flash-attn's Triton cross-entropy on materialised logits (GPU; the interpreter on CPU)
 
 The peers compute per-token cross-entropy (reduction="none", so their backward folds a
 per-token factor into dlogits before dW is summed); the PEAR weights are then computed from
@@ -231,6 +232,74 @@ def _cce_compile(hidden, weight, labels, behavior, cu, variant, chunk_size=None)
     return _pear_from_token_ce(ce.to(hidden.dtype), labels, behavior, cu, variant)
 
 
+FLASH_ATTN_INSTALL = (
+    "FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE "
+    "pip install --no-build-isolation --no-deps flash-attn"
+)
+
+
+def load_flash_attn_cross_entropy():
+    """flash-attn's Triton cross-entropy module, loaded by file path: ``import flash_attn``
+    loads its CUDA extension, which a Python-files-only install (no GPU build) lacks, while
+    flash_attn/ops/triton/cross_entropy.py needs only torch and triton."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("flash_attn")
+    if spec is None or not spec.submodule_search_locations:
+        raise PeerUnavailable(f"flash-attn is not installed (Python files only: {FLASH_ATTN_INSTALL})")
+    path = os.path.join(spec.submodule_search_locations[0], "ops", "triton", "cross_entropy.py")
+    if not os.path.isfile(path):
+        raise PeerUnavailable(f"this flash-attn has no {path}")
+    mod_spec = importlib.util.spec_from_file_location("flash_attn_triton_cross_entropy", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def _cuda_device_noop_for_cpu(tensor):
+    """flash-attn enters torch.cuda.device(logits.device.index), which fails for a CPU tensor
+    (index None) under the interpreter: make it a no-op there, for the duration of the call."""
+    if tensor.device.type != "cpu":
+        yield
+        return
+    real = torch.cuda.device
+
+    class _Noop:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    torch.cuda.device = _Noop
+    try:
+        yield
+    finally:
+        torch.cuda.device = real
+
+
+def flash_attn_cross_entropy(logits, labels, **kwargs):
+    """flash_attn.ops.triton.cross_entropy.cross_entropy_loss, runnable on CPU tensors under
+    TRITON_INTERPRET=1; returns (losses, z_losses) per token."""
+    module = load_flash_attn_cross_entropy()
+    with _cuda_device_noop_for_cpu(logits):
+        return module.cross_entropy_loss(logits, labels, **kwargs)
+
+
+def _flash_attn_ce(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+    """flash-attn's Triton cross-entropy (materialised logits; its tensor-parallel
+    process_group splits the vocabulary like our vocab_parallel_group) + PEAR weights."""
+    if hidden.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise PeerUnavailable("flash-attn's kernels are Triton: on CPU they run only with TRITON_INTERPRET=1")
+    logits = (hidden @ weight.t()).float()
+    ce, _ = flash_attn_cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    return _pear_from_token_ce(ce.to(hidden.dtype), labels, behavior, cu, variant)
+
+
 def _floor(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
     """The matmuls of the fused loss alone, on the same chunks, into the same gradient buffers.
 
@@ -283,6 +352,7 @@ LOSSES: Dict[str, Callable] = {
     "torch_lce_matched": _torch_lce_matched,
     "liger": _liger,
     "cce_compile": _cce_compile,
+    "flash_attn_ce": _flash_attn_ce,
 }
 
 # Matmuls of the size (tokens x H x V) that each variant's fused path does.
