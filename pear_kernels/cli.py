@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     c.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="load the model in this dtype")
     c.add_argument("--temperature", type=float, default=1.0, help="the behavior policy's sampling temperature")
+    c.add_argument("--top-k", type=int, default=0, help="the top-k it sampled with (0: off)")
+    c.add_argument("--top-p", type=float, default=1.0, help="the top-p it sampled with (1: off)")
+    c.add_argument("--min-p", type=float, default=0.0, help="the min-p it sampled with (0: off)")
+    c.add_argument("--on-excluded", choices=("error", "flag"), default="error",
+                   help="a response token outside the sampler's kept set: refuse (default) or store -inf")
     c.add_argument("--max-length", type=int, default=None, help="truncate prompt + response to N tokens")
     c.add_argument("--append-eos", dest="append_eos", action="store_true", default=True,
                    help="append EOS to text responses (default, as TRL does)")
@@ -90,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", required=True, nargs="+", help="JSONL file(s) of vLLM-style request outputs")
     g.add_argument("--output", required=True, help="output JSONL file")
     g.add_argument("--tokenizer", help="tokenizer directory, to tokenize text prompts")
+    g.add_argument("--logprobs-mode", choices=("processed", "raw"), default=None,
+                   help="whether the sampler recorded log-probs of the distribution it drew from "
+                        "(processed: after temperature/top-k/top-p, vLLM's processed_logprobs) or of "
+                        "the plain softmax (raw); records may carry it as 'logprobs_mode'")
 
     v = sub.add_parser("validate", help="load a data set as training would and report", epilog=_epilog(),
                        formatter_class=fmt)
@@ -127,6 +136,7 @@ _FLAG_NAMES = (
     ("pass tokenizer=...", "pass --tokenizer DIR"),
     ("skip_misaligned=True", "--skip-misaligned"),
     ("max_new_shards", "--max-new-shards"),
+    ("on_excluded='flag'", "--on-excluded flag"),
 )
 
 
@@ -198,7 +208,8 @@ def _run(args, collect_mod, load_pear_dataset) -> int:
             tokenizer=_tokenizer(args.tokenizer), max_tokens_per_batch=args.max_tokens_per_batch,
             max_batch_size=args.max_batch_size, shard_size=args.shard_size, device=_device(args.device),
             dtype=getattr(torch, _DTYPES[args.dtype]) if args.dtype else None,
-            temperature=args.temperature, max_length=args.max_length,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+            on_excluded=args.on_excluded, max_length=args.max_length,
             add_special_tokens=not args.no_special_tokens, append_eos=args.append_eos,
             resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress,
             max_new_shards=args.max_new_shards,
@@ -211,7 +222,7 @@ def _run(args, collect_mod, load_pear_dataset) -> int:
     if args.command == "ingest-vllm":
         records = collect_mod.ingest_generation_logprobs(
             args.input if len(args.input) > 1 else args.input[0], args.output,
-            tokenizer=_tokenizer(args.tokenizer),
+            tokenizer=_tokenizer(args.tokenizer), logprobs_mode=args.logprobs_mode,
         )
         print(json.dumps({"records": len(records), "output": args.output}))
         return 0

@@ -37,6 +37,7 @@ import torch
 from .. import fused_token_logprobs
 from .data import DataFormatError, _decode_json_line, iter_source, tokenize_record
 from .head import call_through_head
+from .sampling import SamplingSettings, processed_logprobs
 
 __all__ = [
     "CollectResult",
@@ -60,6 +61,7 @@ class CollectResult:
     shards_written: int
     shards_reused: int
     complete: bool
+    excluded_tokens: int = 0  # stored as -inf with on_excluded="flag" (this run)
 
 
 def _umask() -> int:
@@ -291,9 +293,18 @@ def _batches(positions: Sequence[int], lengths: Sequence[int], max_tokens: int, 
         yield batch
 
 
+# Rows of materialised logits per chunk when truncated sampling needs the whole distribution
+_SAMPLING_CHUNK_ROWS = 256
+
+
 @torch.no_grad()
-def _score(model, pad_id: int, seqs: List[Tuple[List[int], List[int]]], temperature: float) -> List[List[float]]:
-    """Response log-probs of each (prompt_ids, response_ids) pair, one padded forward."""
+def _score(model, pad_id: int, seqs: List[Tuple[List[int], List[int]]], sampling: SamplingSettings) -> List[List[float]]:
+    """Response log-probs of each (prompt_ids, response_ids) pair, one padded forward.
+
+    Plain temperature sampling: the fused log-probs (no logits). Truncated sampling (top-k,
+    top-p, min-p): the processed distribution, from logits materialised a chunk of rows at a
+    time; a token outside the kept set gets -inf (the caller refuses or flags it).
+    """
     device = next(model.parameters()).device
     lengths = [len(p) + len(r) for p, r in seqs]
     L = max(lengths)
@@ -309,10 +320,27 @@ def _score(model, pad_id: int, seqs: List[Tuple[List[int], List[int]]], temperat
     ids, mask, target = ids.to(device), mask.to(device), target.to(device)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
-    logp = call_through_head(
-        model.get_output_embeddings(), hidden,
-        lambda h, w, bias: fused_token_logprobs(h.to(w.dtype), w, target, bias=bias, temperature=temperature),
-    )
+    if not sampling.truncates:
+        logp = call_through_head(
+            model.get_output_embeddings(), hidden,
+            lambda h, w, bias: fused_token_logprobs(h.to(w.dtype), w, target, bias=bias,
+                                                    temperature=sampling.temperature),
+        )
+    else:
+        def processed(h, w, bias):
+            flat_h = h.reshape(-1, h.shape[-1]).to(w.dtype)
+            flat_y = target.reshape(-1)
+            rows = (flat_y != -100).nonzero().squeeze(1)
+            out = torch.zeros(flat_y.shape, dtype=torch.float32, device=h.device)
+            for k in range(0, rows.numel(), _SAMPLING_CHUNK_ROWS):
+                idx = rows[k: k + _SAMPLING_CHUNK_ROWS]
+                z = flat_h[idx] @ w.t()
+                if bias is not None:
+                    z = z + bias
+                out[idx] = processed_logprobs(z, flat_y[idx], sampling)[0].float()
+            return out.reshape(target.shape)
+
+        logp = call_through_head(model.get_output_embeddings(), hidden, processed)
     logp = logp.float().cpu()
     return [logp[b, len(p) - 1: len(p) + len(r) - 1].tolist() for b, (p, r) in enumerate(seqs)]
 
@@ -339,6 +367,10 @@ def collect_behavior_logprobs(
     device=None,
     dtype: Optional[torch.dtype] = None,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    on_excluded: str = "error",
     max_length: Optional[int] = None,
     add_special_tokens: bool = True,
     append_eos: bool = True,
@@ -357,7 +389,12 @@ def collect_behavior_logprobs(
         tokenizer: needed for text records; defaults to the model directory's tokenizer.
         max_tokens_per_batch: padded tokens per forward (batch size x longest sequence).
         shard_size: examples per atomically written shard (the unit of resumption).
-        temperature: the sampling temperature of the behavior policy (logits are divided by it).
+        temperature, top_k, top_p, min_p: the sampling settings the behavior policy generated
+            with; the stored log-probs are those of that processed distribution (renormalised
+            over the kept set, see sampling.py), which is what the importance ratio needs.
+        on_excluded: a response token outside the sampler's kept set (probability 0 under these
+            settings: the data was not sampled with them) is refused ("error", default, naming
+            the example and position) or stored as -inf and counted ("flag").
         max_length: truncate prompt + response to this many tokens.
         append_eos: append the tokenizer's EOS to text responses (default, as TRL's SFT does,
             so the student learns to stop); part of the collection's fingerprint.
@@ -370,22 +407,24 @@ def collect_behavior_logprobs(
     for name, v in (("max_tokens_per_batch", max_tokens_per_batch), ("shard_size", shard_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    sampling = SamplingSettings(float(temperature) if isinstance(temperature, (int, float)) else temperature,
+                                top_k, top_p, min_p)
+    if on_excluded not in ("error", "flag"):
+        raise ValueError(f"on_excluded must be 'error' or 'flag', got {on_excluded!r}")
     model, tokenizer, ident = _load_model(model, tokenizer, device, dtype)
     was_training = model.training
     model.eval()  # no dropout while scoring; the caller's mode is restored at the end
     try:
         return _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, max_batch_size,
-                        shard_size, temperature, max_length, add_special_tokens, append_eos, resume,
-                        overwrite, progress, max_new_shards)
+                        shard_size, sampling, max_length, add_special_tokens, append_eos, resume,
+                        overwrite, progress, max_new_shards, on_excluded)
     finally:
         model.train(was_training)
 
 
 def _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, max_batch_size, shard_size,
-             temperature, max_length, add_special_tokens, append_eos, resume, overwrite, progress,
-             max_new_shards) -> CollectResult:
+             sampling, max_length, add_special_tokens, append_eos, resume, overwrite, progress,
+             max_new_shards, on_excluded) -> CollectResult:
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
@@ -402,7 +441,7 @@ def _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, ma
         items.append((index, where, rec, p, r))
 
     settings = {
-        "temperature": float(temperature), "shard_size": shard_size, "version": FORMAT_VERSION,
+        **sampling.to_dict(), "shard_size": shard_size, "version": FORMAT_VERSION,
         "append_eos": bool(append_eos), "add_special_tokens": bool(add_special_tokens),
         "max_length": max_length,
     }
@@ -412,13 +451,13 @@ def _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, ma
     os.makedirs(output_dir, exist_ok=True)
     with _DirLock(output_dir):
         return _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings, ident, output_dir,
-                               max_tokens_per_batch, max_batch_size, temperature, resume, overwrite, progress,
-                               max_new_shards)
+                               max_tokens_per_batch, max_batch_size, sampling, resume, overwrite, progress,
+                               max_new_shards, on_excluded)
 
 
 def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings, ident, output_dir,
-                    max_tokens_per_batch, max_batch_size, temperature, resume, overwrite, progress,
-                    max_new_shards) -> CollectResult:
+                    max_tokens_per_batch, max_batch_size, sampling, resume, overwrite, progress,
+                    max_new_shards, on_excluded) -> CollectResult:
     manifest_path = os.path.join(output_dir, MANIFEST)
     if overwrite:
         for name in os.listdir(output_dir):
@@ -448,6 +487,7 @@ def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings,
         if name.startswith("shard-") and name.endswith(".tmp"):
             os.unlink(os.path.join(output_dir, name))
 
+    excluded_total = [0]
     done = []
     for k, members in enumerate(plan):
         path = os.path.join(output_dir, _shard_name(k))
@@ -468,9 +508,18 @@ def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings,
                 break
             rows = {}
             for batch in _batches(members, lengths, max_tokens_per_batch, max_batch_size):
-                scores = _score(model, pad_id, [(items[i][3], items[i][4]) for i in batch], float(temperature))
+                scores = _score(model, pad_id, [(items[i][3], items[i][4]) for i in batch], sampling)
                 for i, lp in zip(batch, scores):
-                    index, _, rec, p, r = items[i]
+                    index, where, rec, p, r = items[i]
+                    excluded = [j for j, v in enumerate(lp) if v == float("-inf")]
+                    if excluded and on_excluded == "error":
+                        raise ValueError(
+                            f"example {index} ({where}): response token {excluded[0]} (id {r[excluded[0]]}) is "
+                            f"outside the kept set of the sampling settings {sampling.to_dict()}: it had "
+                            "probability 0 under them, so the data was not sampled with these settings (or "
+                            "this teacher); pass the settings it was generated with, or on_excluded='flag'"
+                        )
+                    excluded_total[0] += len(excluded)
                     row = {key: v for key, v in rec.items() if key not in _OUTPUT_FIELDS}
                     row.update(index=index, prompt_ids=p, response_ids=r, behavior_token_ids=r, behavior_logprobs=lp)
                     rows[index] = row
@@ -488,7 +537,7 @@ def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings,
     if complete:
         manifest["complete"] = True
         _atomic_write(manifest_path, json.dumps(manifest))
-    return CollectResult(output_dir, len(items), len(plan), written, len(done), complete)
+    return CollectResult(output_dir, len(items), len(plan), written, len(done), complete, excluded_total[0])
 
 
 def _read_manifest(output_dir: str) -> Dict[str, Any]:
@@ -600,7 +649,11 @@ def _expand_outputs(rec: Dict[str, Any], where: str) -> Iterable[Tuple[str, Dict
         yield f"{where} output {j}", rec, out
 
 
-def ingest_generation_logprobs(source, output_path: Optional[str] = None, *, tokenizer=None) -> List[Dict[str, Any]]:
+_MODES = {"processed": "processed", "processed_logprobs": "processed", "raw": "raw", "raw_logprobs": "raw"}
+
+
+def ingest_generation_logprobs(source, output_path: Optional[str] = None, *, tokenizer=None,
+                               logprobs_mode: Optional[str] = None) -> List[Dict[str, Any]]:
     """Records with behavior log-probs from generation-time logs (vLLM-style).
 
     Each input record has the prompt ("prompt" text, or "prompt_token_ids"/"prompt_ids") and
@@ -610,10 +663,30 @@ def ingest_generation_logprobs(source, output_path: Optional[str] = None, *, tok
     and optionally "text". The result uses the data.py format, ids form when the prompt ids are
     known (or a tokenizer is given), text form otherwise; ``load_pear_dataset`` then checks the
     ids against the tokenization. Written atomically as JSONL when ``output_path`` is given.
+
+    ``logprobs_mode``: whether the sampler recorded the log-probs of the distribution it drew
+    from ("processed": after temperature / top-k / top-p, what the importance ratio needs) or
+    of the plain softmax ("raw"); vLLM calls these processed_logprobs / raw_logprobs. Taken
+    from this argument or from each record's "logprobs_mode" field; every output row records
+    it as "behavior_logprobs_mode", and records that disagree (with each other or with the
+    argument) are refused: a collection mixing the two has no single meaning.
     """
+    if logprobs_mode is not None and logprobs_mode not in _MODES:
+        raise ValueError(f"logprobs_mode must be one of {sorted(_MODES)}, got {logprobs_mode!r}")
+    mode = _MODES.get(logprobs_mode) if logprobs_mode is not None else None
     out_records = []
     in_memory = isinstance(source, list) and not all(isinstance(x, (str, os.PathLike)) for x in source)
     for where, rec in _records(source) if in_memory else iter_source(source):
+        rec_mode = rec.get("logprobs_mode")
+        if rec_mode is not None:
+            if rec_mode not in _MODES:
+                raise DataFormatError(f"{where}: logprobs_mode must be one of {sorted(_MODES)}, got {rec_mode!r}")
+            if mode is not None and _MODES[rec_mode] != mode:
+                raise DataFormatError(
+                    f"{where}: logprobs_mode {rec_mode!r} differs from {mode!r} (earlier records or the "
+                    "argument): raw and processed log-probs cannot be mixed in one collection"
+                )
+            mode = _MODES[rec_mode]
         for w, parent, gen in _expand_outputs(rec, where):
             token_ids, logprobs = gen.get("token_ids"), gen.get("logprobs")
             if not isinstance(token_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
@@ -627,7 +700,8 @@ def ingest_generation_logprobs(source, output_path: Optional[str] = None, *, tok
                 if math.isnan(v) or v > _LOGPROB_TOLERANCE:
                     raise DataFormatError(f"{w}: logprobs[{i}] = {v!r} is not a log-probability")
             keep = {k: v for k, v in parent.items()
-                    if k not in ("outputs", "token_ids", "logprobs", "text", "prompt_token_ids", "prompt_logprobs")}
+                    if k not in ("outputs", "token_ids", "logprobs", "text", "prompt_token_ids", "prompt_logprobs",
+                                 "logprobs_mode")}
             prompt_ids = parent.get("prompt_token_ids", parent.get("prompt_ids"))
             if prompt_ids is None and tokenizer is not None and isinstance(parent.get("prompt"), str):
                 prompt_ids = tokenize_record({"prompt": parent["prompt"], "response": ""}, tokenizer, where=w)[0]
@@ -643,6 +717,13 @@ def ingest_generation_logprobs(source, output_path: Optional[str] = None, *, tok
                 row.update(prompt=parent["prompt"], response=text)
             row.update(behavior_token_ids=list(token_ids), behavior_logprobs=values)
             out_records.append(row)
+    if mode is None:
+        mode = "unknown"
+    if mode == "unknown" and out_records:
+        print("pear-kernels ingest: the log-probs' mode is not recorded (pass logprobs_mode='processed' or "
+              "'raw', or --logprobs-mode): stored as 'unknown'", file=sys.stderr)
+    for row in out_records:
+        row["behavior_logprobs_mode"] = mode
     if output_path is not None:
         _atomic_write(output_path, "".join(json.dumps(r) + "\n" for r in out_records))
     return out_records
