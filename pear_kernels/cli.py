@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int, default=0, help="the top-k it sampled with (0: off)")
     c.add_argument("--top-p", type=float, default=1.0, help="the top-p it sampled with (1: off)")
     c.add_argument("--min-p", type=float, default=0.0, help="the min-p it sampled with (0: off)")
+    c.add_argument("--shard-format", choices=("parquet", "jsonl"), default="parquet",
+                   help="shard files: parquet (default; int32 ids, float32 log-probs) or jsonl")
     c.add_argument("--on-excluded", choices=("error", "flag"), default="error",
                    help="a response token outside the sampler's kept set: refuse (default) or store -inf")
     c.add_argument("--max-length", type=int, default=None, help="truncate prompt + response to N tokens")
@@ -209,7 +211,7 @@ def _run(args, collect_mod, load_pear_dataset) -> int:
             max_batch_size=args.max_batch_size, shard_size=args.shard_size, device=_device(args.device),
             dtype=getattr(torch, _DTYPES[args.dtype]) if args.dtype else None,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-            on_excluded=args.on_excluded, max_length=args.max_length,
+            on_excluded=args.on_excluded, shard_format=args.shard_format, max_length=args.max_length,
             add_special_tokens=not args.no_special_tokens, append_eos=args.append_eos,
             resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress,
             max_new_shards=args.max_new_shards,

@@ -28,7 +28,8 @@ def setup(tmp_path_factory):
 
 
 def _opts(**kw):
-    return {"tokenizer": hf_utils.tokenizer(), "shard_size": 2, "max_tokens_per_batch": 64, "progress": False, **kw}
+    return {"tokenizer": hf_utils.tokenizer(), "shard_size": 2, "max_tokens_per_batch": 64, "progress": False,
+            "shard_format": "jsonl", **kw}
 
 
 def test_resaved_weights_are_refused(setup, tmp_path):

@@ -32,7 +32,9 @@ def setup(tmp_path_factory):
 
 
 def _opts(**kw):
-    return {"tokenizer": hf_utils.tokenizer(), "shard_size": 2, "max_tokens_per_batch": 64, "progress": False, **kw}
+    # JSONL shards here: several tests edit shard files as text (Parquet shards: test_collect_parquet)
+    return {"tokenizer": hf_utils.tokenizer(), "shard_size": 2, "max_tokens_per_batch": 64, "progress": False,
+            "shard_format": "jsonl", **kw}
 
 
 def test_round_trip_matches_full_logits(setup, tmp_path):
@@ -124,7 +126,7 @@ def test_cli_collect_and_merge(setup, tmp_path, capsys):
     out, merged = tmp_path / "out", tmp_path / "merged.jsonl"
     tok_dir = hf_utils.save_tokenizer_dir(tmp_path / "tok")
     rc = main(["collect", "--model", model_dir, "--tokenizer", tok_dir, "--data", data, "--output", str(out),
-               "--shard-size", "3",
+               "--shard-size", "3", "--shard-format", "jsonl",
                "--no-progress", "--merge-to", str(merged), "--device", "cpu"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["complete"] is True

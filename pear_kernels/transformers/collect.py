@@ -179,8 +179,50 @@ def _pid_alive(pid) -> bool:
     return True
 
 
-def _shard_name(k: int) -> str:
-    return f"shard-{k:05d}.jsonl"
+# New collections write Parquet shards (token ids int32, log-probs float32: 8 bytes a token
+# before compression, against ~42 bytes of JSON text); collections written as JSONL (before
+# shard_format was recorded) are still read and resumed as JSONL.
+SHARD_FORMATS = ("parquet", "jsonl")
+
+
+def _shard_name(k: int, fmt: str = "parquet") -> str:
+    return f"shard-{k:05d}.{fmt}"
+
+
+def _shard_format(manifest: Dict[str, Any]) -> str:
+    return manifest.get("shard_format", "jsonl")
+
+
+def _write_parquet_shard(path: str, rows: List[Dict[str, Any]]) -> None:
+    """Atomically write rows as Parquet: the id/log-prob columns with fixed Arrow types (so every
+    shard has one schema and ``datasets.load_dataset("parquet", ...)`` reads them together),
+    the record's other fields as pyarrow infers them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fixed = {
+        "index": pa.int64(), "prompt_ids": pa.list_(pa.int32()), "response_ids": pa.list_(pa.int32()),
+        "behavior_token_ids": pa.list_(pa.int32()), "behavior_logprobs": pa.list_(pa.float32()),
+    }
+    columns = {name: pa.array([r[name] for r in rows], type=ty) for name, ty in fixed.items()}
+    other = sorted({k for r in rows for k in r} - set(fixed))
+    for name in other:
+        columns[name] = pa.array([r.get(name) for r in rows])
+    table = pa.table(columns)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _load_model(model, tokenizer, device, dtype):
@@ -371,6 +413,7 @@ def collect_behavior_logprobs(
     top_p: float = 1.0,
     min_p: float = 0.0,
     on_excluded: str = "error",
+    shard_format: str = "parquet",
     max_length: Optional[int] = None,
     add_special_tokens: bool = True,
     append_eos: bool = True,
@@ -392,6 +435,8 @@ def collect_behavior_logprobs(
         temperature, top_k, top_p, min_p: the sampling settings the behavior policy generated
             with; the stored log-probs are those of that processed distribution (renormalised
             over the kept set, see sampling.py), which is what the importance ratio needs.
+        shard_format: "parquet" (default: int32 ids, float32 log-probs, readable by
+            ``datasets.load_dataset("parquet", data_files=DIR + "/shard-*.parquet")``) or "jsonl".
         on_excluded: a response token outside the sampler's kept set (probability 0 under these
             settings: the data was not sampled with them) is refused ("error", default, naming
             the example and position) or stored as -inf and counted ("flag").
@@ -411,20 +456,22 @@ def collect_behavior_logprobs(
                                 top_k, top_p, min_p)
     if on_excluded not in ("error", "flag"):
         raise ValueError(f"on_excluded must be 'error' or 'flag', got {on_excluded!r}")
+    if shard_format not in SHARD_FORMATS:
+        raise ValueError(f"shard_format must be one of {SHARD_FORMATS}, got {shard_format!r}")
     model, tokenizer, ident = _load_model(model, tokenizer, device, dtype)
     was_training = model.training
     model.eval()  # no dropout while scoring; the caller's mode is restored at the end
     try:
         return _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, max_batch_size,
                         shard_size, sampling, max_length, add_special_tokens, append_eos, resume,
-                        overwrite, progress, max_new_shards, on_excluded)
+                        overwrite, progress, max_new_shards, on_excluded, shard_format)
     finally:
         model.train(was_training)
 
 
 def _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, max_batch_size, shard_size,
              sampling, max_length, add_special_tokens, append_eos, resume, overwrite, progress,
-             max_new_shards, on_excluded) -> CollectResult:
+             max_new_shards, on_excluded, shard_format="parquet") -> CollectResult:
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
@@ -452,19 +499,20 @@ def _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, ma
     with _DirLock(output_dir):
         return _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings, ident, output_dir,
                                max_tokens_per_batch, max_batch_size, sampling, resume, overwrite, progress,
-                               max_new_shards, on_excluded)
+                               max_new_shards, on_excluded, shard_format)
 
 
 def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings, ident, output_dir,
                     max_tokens_per_batch, max_batch_size, sampling, resume, overwrite, progress,
-                    max_new_shards, on_excluded) -> CollectResult:
+                    max_new_shards, on_excluded, shard_format) -> CollectResult:
     manifest_path = os.path.join(output_dir, MANIFEST)
     if overwrite:
         for name in os.listdir(output_dir):
             if name == MANIFEST or name.startswith("shard-"):
                 os.unlink(os.path.join(output_dir, name))
     manifest = {
-        "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "model": ident, "identity": identity,
+        "format_version": FORMAT_VERSION, "shard_format": shard_format,
+        "fingerprint": fingerprint, "model": ident, "identity": identity,
         "num_examples": len(items), "num_shards": len(plan), "shards": plan, "complete": False, **settings,
     }
     if os.path.exists(manifest_path):
@@ -478,7 +526,8 @@ def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings,
             )
         if not resume:
             raise ValueError(f"{output_dir} already holds this collection; pass resume=True or overwrite=True")
-    elif any(n.startswith("shard-") and n.endswith(".jsonl") for n in os.listdir(output_dir)):
+        manifest["shard_format"] = _shard_format(old)  # an earlier JSONL collection resumes as JSONL
+    elif any(n.startswith("shard-") and n.endswith((".jsonl", ".parquet")) for n in os.listdir(output_dir)):
         raise ValueError(f"{output_dir} has shards but no {MANIFEST}; refusing to mix; use overwrite=True")
     _atomic_write(manifest_path, json.dumps(manifest))
 
@@ -488,9 +537,10 @@ def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings,
             os.unlink(os.path.join(output_dir, name))
 
     excluded_total = [0]
+    fmt = manifest["shard_format"]
     done = []
     for k, members in enumerate(plan):
-        path = os.path.join(output_dir, _shard_name(k))
+        path = os.path.join(output_dir, _shard_name(k, fmt))
         if os.path.exists(path):
             try:
                 _read_shard(path, items_expected=sorted(items[i][0] for i in members))
@@ -525,15 +575,18 @@ def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings,
                     rows[index] = row
                 if bar is not None:
                     bar.update(len(batch))
-            text = "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows))
-            _atomic_write(os.path.join(output_dir, _shard_name(k)), text)
+            if fmt == "parquet":
+                _write_parquet_shard(os.path.join(output_dir, _shard_name(k, fmt)), [rows[i] for i in sorted(rows)])
+            else:
+                text = "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows))
+                _atomic_write(os.path.join(output_dir, _shard_name(k, fmt)), text)
             written += 1
             if bar is None and progress:
                 print(f"pear-kernels collect: shard {k + 1}/{len(plan)} written", file=sys.stderr)
     finally:
         if bar is not None:
             bar.close()
-    complete = all(os.path.exists(os.path.join(output_dir, _shard_name(k))) for k in range(len(plan)))
+    complete = all(os.path.exists(os.path.join(output_dir, _shard_name(k, fmt))) for k in range(len(plan)))
     if complete:
         manifest["complete"] = True
         _atomic_write(manifest_path, json.dumps(manifest))
@@ -577,14 +630,26 @@ def _check_row(row: Dict[str, Any], where: str) -> None:
 
 def _read_shard(path: str, items_expected: Optional[List[int]] = None) -> List[Dict[str, Any]]:
     rows = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            row = _decode_json_line(raw, where)
-            if not isinstance(row, dict):
-                raise DataFormatError(f"{where}: a row must be a JSON object")
-            _check_row(row, where)
+    if path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            records = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise DataFormatError(f"{path}: not a readable Parquet shard ({exc})") from None
+        for i, row in enumerate(records, 1):
+            _check_row(row, f"{path}: row {i}")
             rows.append(row)
+    else:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                row = _decode_json_line(raw, where)
+                if not isinstance(row, dict):
+                    raise DataFormatError(f"{where}: a row must be a JSON object")
+                _check_row(row, where)
+                rows.append(row)
     if items_expected is not None and sorted(r["index"] for r in rows) != items_expected:
         raise DataFormatError(f"{path}: rows do not match the shard's planned examples")
     return rows
@@ -598,8 +663,11 @@ def read_collected(output_dir: str, *, allow_incomplete: bool = False) -> List[D
             f"{output_dir}: the collection is incomplete (interrupted?); rerun collect to finish it"
         )
     rows: Dict[int, Dict[str, Any]] = {}
+    fmt = _shard_format(manifest)
+    if fmt not in SHARD_FORMATS:
+        raise DataFormatError(f"{output_dir}: unknown shard_format {fmt!r} in the manifest")
     for k, members in enumerate(manifest["shards"]):
-        path = os.path.join(output_dir, _shard_name(k))
+        path = os.path.join(output_dir, _shard_name(k, fmt))
         if not os.path.exists(path):
             if allow_incomplete:
                 continue
