@@ -97,6 +97,13 @@ class PEARSFTTrainer(SFTTrainer):
             raise ValueError("loss_type='dft' replaces the loss; it cannot be combined with PEAR")
         if args.label_smoothing_factor > 0:
             raise ValueError("label_smoothing_factor > 0 replaces the model's loss; it cannot be combined with PEAR")
+        # a PEARDataset (load_pear_dataset's result) is accepted as it is: TRL wants a datasets.Dataset
+        from .data import PEARDataset
+
+        if isinstance(train_dataset, PEARDataset):
+            train_dataset = train_dataset.to_hf_dataset()
+        if isinstance(eval_dataset, PEARDataset):
+            eval_dataset = eval_dataset.to_hf_dataset()
         for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             cols = _columns(ds)
             if cols is not None and not all(c in cols for c in _REQUIRED_COLUMNS):
