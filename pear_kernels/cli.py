@@ -73,9 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     c.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="load the model in this dtype")
     c.add_argument("--temperature", type=float, default=1.0, help="the behavior policy's sampling temperature")
-    c.add_argument("--top-k", type=int, default=0, help="the top-k it sampled with (0: off)")
+    c.add_argument("--sample-top-k", dest="top_k", type=int, default=0, help="the top-k it sampled with (0: off)")
     c.add_argument("--top-p", type=float, default=1.0, help="the top-p it sampled with (1: off)")
     c.add_argument("--min-p", type=float, default=0.0, help="the min-p it sampled with (0: off)")
+    c.add_argument("--top-k", dest="top_k_store", type=int, default=0,
+                   help="also store the teacher's K most likely ids and log-probs per response position "
+                        "(for fused_pear_distill_loss); the sampler's top-k is --sample-top-k")
     c.add_argument("--shard-format", choices=("parquet", "jsonl"), default="parquet",
                    help="shard files: parquet (default; int32 ids, float32 log-probs) or jsonl")
     c.add_argument("--on-excluded", choices=("error", "flag"), default="error",
@@ -211,7 +214,8 @@ def _run(args, collect_mod, load_pear_dataset) -> int:
             max_batch_size=args.max_batch_size, shard_size=args.shard_size, device=_device(args.device),
             dtype=getattr(torch, _DTYPES[args.dtype]) if args.dtype else None,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-            on_excluded=args.on_excluded, shard_format=args.shard_format, max_length=args.max_length,
+            on_excluded=args.on_excluded, shard_format=args.shard_format, top_k_store=args.top_k_store,
+            max_length=args.max_length,
             add_special_tokens=not args.no_special_tokens, append_eos=args.append_eos,
             resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress,
             max_new_shards=args.max_new_shards,

@@ -141,3 +141,23 @@ def test_ingestion_records_the_mode_and_refuses_a_mix():
     with pytest.raises(DataFormatError, match="cannot be mixed"):
         ingest_generation_logprobs([rec("raw")], logprobs_mode="processed")
     assert ingest_generation_logprobs([rec(None)])[0]["behavior_logprobs_mode"] == "unknown"
+
+
+def test_top_k_teacher_distribution_is_stored(setup, tmp_path):
+    """collect --top-k K stores the teacher's K most likely ids and log-probs per response
+    position (processed distribution), beside the sampled token's log-prob, in Parquet."""
+    model_dir, data = setup
+    out = tmp_path / "o"
+    collect_behavior_logprobs(model_dir, data, str(out), **_opts(temperature=0.8, top_k_store=4))
+    teacher = hf_utils.model(seed=3).eval()
+    for row in read_collected(str(out)):
+        assert len(row["teacher_ids"]) == len(row["response_ids"]) and len(row["teacher_ids"][0]) == 4
+        ids = torch.tensor([row["prompt_ids"] + row["response_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(input_ids=ids).logits[0].double() / 0.8, -1)
+        P = len(row["prompt_ids"])
+        for j in range(len(row["response_ids"])):
+            top = torch.topk(logp[P - 1 + j], 4)
+            assert row["teacher_ids"][j] == top.indices.tolist()
+            assert row["teacher_logprobs"][j] == pytest.approx(top.values.tolist(), abs=2e-5)
+            assert row["behavior_logprobs"][j] == pytest.approx(float(logp[P - 1 + j, row["response_ids"][j]]), abs=2e-5)

@@ -37,7 +37,7 @@ import torch
 from .. import fused_token_logprobs
 from .data import DataFormatError, _decode_json_line, iter_source, tokenize_record
 from .head import call_through_head
-from .sampling import SamplingSettings, processed_logprobs
+from .sampling import SamplingSettings, processed_distribution
 
 __all__ = [
     "CollectResult",
@@ -51,6 +51,7 @@ FORMAT_VERSION = 1
 _LOGPROB_TOLERANCE = 1e-4
 # Fields a collection (re)computes; stale values from the input are dropped.
 _OUTPUT_FIELDS = ("index", "prompt_ids", "response_ids", "behavior_token_ids", "behavior_logprobs")
+_TOPK_FIELDS = ("teacher_ids", "teacher_logprobs")
 
 
 @dataclass
@@ -204,6 +205,8 @@ def _write_parquet_shard(path: str, rows: List[Dict[str, Any]]) -> None:
         "index": pa.int64(), "prompt_ids": pa.list_(pa.int32()), "response_ids": pa.list_(pa.int32()),
         "behavior_token_ids": pa.list_(pa.int32()), "behavior_logprobs": pa.list_(pa.float32()),
     }
+    if rows and "teacher_ids" in rows[0]:
+        fixed.update(teacher_ids=pa.list_(pa.list_(pa.int32())), teacher_logprobs=pa.list_(pa.list_(pa.float32())))
     columns = {name: pa.array([r[name] for r in rows], type=ty) for name, ty in fixed.items()}
     other = sorted({k for r in rows for k in r} - set(fixed))
     for name in other:
@@ -340,7 +343,8 @@ _SAMPLING_CHUNK_ROWS = 256
 
 
 @torch.no_grad()
-def _score(model, pad_id: int, seqs: List[Tuple[List[int], List[int]]], sampling: SamplingSettings) -> List[List[float]]:
+def _score(model, pad_id: int, seqs: List[Tuple[List[int], List[int]]], sampling: SamplingSettings,
+           top_k_store: int = 0):
     """Response log-probs of each (prompt_ids, response_ids) pair, one padded forward.
 
     Plain temperature sampling: the fused log-probs (no logits). Truncated sampling (top-k,
@@ -362,7 +366,7 @@ def _score(model, pad_id: int, seqs: List[Tuple[List[int], List[int]]], sampling
     ids, mask, target = ids.to(device), mask.to(device), target.to(device)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
-    if not sampling.truncates:
+    if not sampling.truncates and not top_k_store:
         logp = call_through_head(
             model.get_output_embeddings(), hidden,
             lambda h, w, bias: fused_token_logprobs(h.to(w.dtype), w, target, bias=bias,
@@ -374,17 +378,30 @@ def _score(model, pad_id: int, seqs: List[Tuple[List[int], List[int]]], sampling
             flat_y = target.reshape(-1)
             rows = (flat_y != -100).nonzero().squeeze(1)
             out = torch.zeros(flat_y.shape, dtype=torch.float32, device=h.device)
+            k_ids = torch.zeros(flat_y.shape + (max(top_k_store, 1),), dtype=torch.long, device=h.device)
+            k_lp = torch.zeros(flat_y.shape + (max(top_k_store, 1),), dtype=torch.float32, device=h.device)
             for k in range(0, rows.numel(), _SAMPLING_CHUNK_ROWS):
                 idx = rows[k: k + _SAMPLING_CHUNK_ROWS]
                 z = flat_h[idx] @ w.t()
                 if bias is not None:
                     z = z + bias
-                out[idx] = processed_logprobs(z, flat_y[idx], sampling)[0].float()
-            return out.reshape(target.shape)
+                dist = processed_distribution(z, sampling)
+                out[idx] = dist.gather(1, flat_y[idx][:, None]).squeeze(1).float()
+                if top_k_store:
+                    top = torch.topk(dist, min(top_k_store, dist.shape[1]), dim=1)
+                    k_ids[idx, : top.indices.shape[1]] = top.indices
+                    k_lp[idx, : top.values.shape[1]] = top.values.float()
+            return out.reshape(target.shape), k_ids.reshape(target.shape + (-1,)), k_lp.reshape(target.shape + (-1,))
 
-        logp = call_through_head(model.get_output_embeddings(), hidden, processed)
+        logp, top_ids, top_lp = call_through_head(model.get_output_embeddings(), hidden, processed)
     logp = logp.float().cpu()
-    return [logp[b, len(p) - 1: len(p) + len(r) - 1].tolist() for b, (p, r) in enumerate(seqs)]
+    spans = [(len(p) - 1, len(p) + len(r) - 1) for p, r in seqs]
+    logps = [logp[b, a:e].tolist() for b, (a, e) in enumerate(spans)]
+    if not top_k_store:
+        return logps
+    top_ids, top_lp = top_ids.cpu(), top_lp.cpu()
+    return (logps, [top_ids[b, a:e].tolist() for b, (a, e) in enumerate(spans)],
+            [top_lp[b, a:e].tolist() for b, (a, e) in enumerate(spans)])
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -414,6 +431,7 @@ def collect_behavior_logprobs(
     min_p: float = 0.0,
     on_excluded: str = "error",
     shard_format: str = "parquet",
+    top_k_store: int = 0,
     max_length: Optional[int] = None,
     add_special_tokens: bool = True,
     append_eos: bool = True,
@@ -435,6 +453,9 @@ def collect_behavior_logprobs(
         temperature, top_k, top_p, min_p: the sampling settings the behavior policy generated
             with; the stored log-probs are those of that processed distribution (renormalised
             over the kept set, see sampling.py), which is what the importance ratio needs.
+        top_k_store: K > 0 also stores, per response position, the teacher's K most likely ids
+            and their log-probs under the same processed distribution ("teacher_ids",
+            "teacher_logprobs", aligned like behavior_logprobs) for fused_pear_distill_loss.
         shard_format: "parquet" (default: int32 ids, float32 log-probs, readable by
             ``datasets.load_dataset("parquet", data_files=DIR + "/shard-*.parquet")``) or "jsonl".
         on_excluded: a response token outside the sampler's kept set (probability 0 under these
@@ -458,20 +479,22 @@ def collect_behavior_logprobs(
         raise ValueError(f"on_excluded must be 'error' or 'flag', got {on_excluded!r}")
     if shard_format not in SHARD_FORMATS:
         raise ValueError(f"shard_format must be one of {SHARD_FORMATS}, got {shard_format!r}")
+    if isinstance(top_k_store, bool) or not isinstance(top_k_store, int) or top_k_store < 0:
+        raise ValueError(f"top_k_store must be an int >= 0, got {top_k_store!r}")
     model, tokenizer, ident = _load_model(model, tokenizer, device, dtype)
     was_training = model.training
     model.eval()  # no dropout while scoring; the caller's mode is restored at the end
     try:
         return _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, max_batch_size,
                         shard_size, sampling, max_length, add_special_tokens, append_eos, resume,
-                        overwrite, progress, max_new_shards, on_excluded, shard_format)
+                        overwrite, progress, max_new_shards, on_excluded, shard_format, top_k_store)
     finally:
         model.train(was_training)
 
 
 def _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, max_batch_size, shard_size,
              sampling, max_length, add_special_tokens, append_eos, resume, overwrite, progress,
-             max_new_shards, on_excluded, shard_format="parquet") -> CollectResult:
+             max_new_shards, on_excluded, shard_format="parquet", top_k_store=0) -> CollectResult:
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
@@ -488,7 +511,7 @@ def _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, ma
         items.append((index, where, rec, p, r))
 
     settings = {
-        **sampling.to_dict(), "shard_size": shard_size, "version": FORMAT_VERSION,
+        **sampling.to_dict(), "shard_size": shard_size, "version": FORMAT_VERSION, "top_k_store": top_k_store,
         "append_eos": bool(append_eos), "add_special_tokens": bool(add_special_tokens),
         "max_length": max_length,
     }
@@ -499,12 +522,12 @@ def _collect(model, tokenizer, ident, data, output_dir, max_tokens_per_batch, ma
     with _DirLock(output_dir):
         return _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings, ident, output_dir,
                                max_tokens_per_batch, max_batch_size, sampling, resume, overwrite, progress,
-                               max_new_shards, on_excluded, shard_format)
+                               max_new_shards, on_excluded, shard_format, top_k_store)
 
 
 def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings, ident, output_dir,
                     max_tokens_per_batch, max_batch_size, sampling, resume, overwrite, progress,
-                    max_new_shards, on_excluded, shard_format) -> CollectResult:
+                    max_new_shards, on_excluded, shard_format, top_k_store=0) -> CollectResult:
     manifest_path = os.path.join(output_dir, MANIFEST)
     if overwrite:
         for name in os.listdir(output_dir):
@@ -558,8 +581,12 @@ def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings,
                 break
             rows = {}
             for batch in _batches(members, lengths, max_tokens_per_batch, max_batch_size):
-                scores = _score(model, pad_id, [(items[i][3], items[i][4]) for i in batch], sampling)
-                for i, lp in zip(batch, scores):
+                scores = _score(model, pad_id, [(items[i][3], items[i][4]) for i in batch], sampling, top_k_store)
+                if top_k_store:
+                    scores, top_ids, top_lps = scores
+                else:
+                    top_ids = top_lps = [None] * len(batch)
+                for i, lp, tid, tlp in zip(batch, scores, top_ids, top_lps):
                     index, where, rec, p, r = items[i]
                     excluded = [j for j, v in enumerate(lp) if v == float("-inf")]
                     if excluded and on_excluded == "error":
@@ -570,8 +597,10 @@ def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings,
                             "this teacher); pass the settings it was generated with, or on_excluded='flag'"
                         )
                     excluded_total[0] += len(excluded)
-                    row = {key: v for key, v in rec.items() if key not in _OUTPUT_FIELDS}
+                    row = {key: v for key, v in rec.items() if key not in _OUTPUT_FIELDS + _TOPK_FIELDS}
                     row.update(index=index, prompt_ids=p, response_ids=r, behavior_token_ids=r, behavior_logprobs=lp)
+                    if tid is not None:
+                        row.update(teacher_ids=tid, teacher_logprobs=tlp)
                     rows[index] = row
                 if bar is not None:
                     bar.update(len(batch))

@@ -23,7 +23,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["SamplingSettings", "processed_logprobs"]
+__all__ = ["SamplingSettings", "processed_logprobs", "processed_distribution"]
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,25 @@ class SamplingSettings:
                 "min_p": float(self.min_p)}
 
 
+def processed_distribution(logits: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
+    """(R, V) log-probs of the processed distribution: renormalised over the kept set, -inf
+    outside it."""
+    logp, keep = _kept(logits, s)
+    kept_lse = torch.logsumexp(logp.masked_fill(~keep, float("-inf")), dim=-1, keepdim=True)
+    return (logp - kept_lse).masked_fill(~keep, float("-inf"))
+
+
 def processed_logprobs(logits: torch.Tensor, targets: torch.Tensor, s: SamplingSettings) -> Tuple[torch.Tensor, torch.Tensor]:
     """(log p_processed(target), kept) per row of (R, V) raw logits; float32 math at least."""
+    logp, keep = _kept(logits, s)
+    kept_lse = torch.logsumexp(logp.masked_fill(~keep, float("-inf")), dim=-1)
+    tgt_kept = keep.gather(-1, targets[:, None]).squeeze(-1)
+    out = logp.gather(-1, targets[:, None]).squeeze(-1) - kept_lse
+    return torch.where(tgt_kept, out, torch.full_like(out, float("-inf"))), tgt_kept
+
+
+def _kept(logits: torch.Tensor, s: SamplingSettings) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(logits / T), kept mask) after top-k, top-p and min-p in HF's order."""
     z = logits.float() / s.temperature if logits.dtype != torch.float64 else logits / s.temperature
     logp = torch.log_softmax(z, dim=-1)
     keep = torch.ones_like(logp, dtype=torch.bool)
@@ -75,7 +92,4 @@ def processed_logprobs(logits: torch.Tensor, targets: torch.Tensor, s: SamplingS
         masked = logp.masked_fill(~keep, float("-inf"))
         probs = torch.softmax(masked, dim=-1)
         keep &= probs >= s.min_p * probs.max(dim=-1, keepdim=True).values
-    kept_lse = torch.logsumexp(logp.masked_fill(~keep, float("-inf")), dim=-1)
-    tgt_kept = keep.gather(-1, targets[:, None]).squeeze(-1)
-    out = logp.gather(-1, targets[:, None]).squeeze(-1) - kept_lse
-    return torch.where(tgt_kept, out, torch.full_like(out, float("-inf"))), tgt_kept
+    return logp, keep
