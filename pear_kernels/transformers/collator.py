@@ -28,6 +28,8 @@ import torch
 __all__ = ["PEARDataCollator"]
 
 _COLUMNS = ("input_ids", "labels", "behavior_logprobs")
+# stored teacher top-k for distillation: (tokens, K) per example, aligned with input_ids
+_TEACHER_COLUMNS = ("teacher_ids", "teacher_logprobs")
 
 
 @dataclass
@@ -60,9 +62,14 @@ class PEARDataCollator:
                     f"example {i} of the batch lacks {missing}; PEAR needs input_ids, labels and "
                     "behavior_logprobs (build examples with pear_kernels.transformers.load_pear_dataset)"
                 )
-            row = {c: (f[c].tolist() if torch.is_tensor(f[c]) else list(f[c])) for c in _COLUMNS}
+            cols = _COLUMNS + tuple(c for c in _TEACHER_COLUMNS if c in f)
+            if sum(c in f for c in _TEACHER_COLUMNS) == 1:
+                raise KeyError(f"example {i} of the batch has only one of {list(_TEACHER_COLUMNS)}")
+            if i and ("teacher_ids" in f) != ("teacher_ids" in rows[0]):
+                raise KeyError("some examples of the batch carry teacher top-k columns and some do not")
+            row = {c: (f[c].tolist() if torch.is_tensor(f[c]) else list(f[c])) for c in cols}
             n = len(row["input_ids"])
-            for c in ("labels", "behavior_logprobs"):
+            for c in ("labels", "behavior_logprobs") + tuple(c for c in _TEACHER_COLUMNS if c in row):
                 if len(row[c]) != n:
                     raise ValueError(
                         f"example {i} of the batch: {c} has {len(row[c])} entries but input_ids has {n}; "
@@ -89,6 +96,10 @@ class PEARDataCollator:
                 "behavior_logprobs": torch.tensor([behavior], dtype=torch.float32),
                 "position_ids": torch.tensor([positions], dtype=torch.long),
             }
+            if "teacher_ids" in rows[0]:
+                batch["teacher_ids"] = torch.tensor([[t for r in rows for t in r["teacher_ids"]]], dtype=torch.long)
+                batch["teacher_logprobs"] = torch.tensor([[t for r in rows for t in r["teacher_logprobs"]]],
+                                                         dtype=torch.float32)
             if self.return_flash_attn_kwargs:
                 lengths = [len(r["input_ids"]) for r in rows]
                 cu = [0]
@@ -109,9 +120,17 @@ class PEARDataCollator:
             "labels": torch.full((len(rows), length), self.ignore_index, dtype=torch.long),
             "behavior_logprobs": torch.zeros((len(rows), length), dtype=torch.float32),
         }
+        if "teacher_ids" in rows[0]:
+            K = len(rows[0]["teacher_ids"][0])
+            # padding rows: K distinct ids and zero log-probs (never supervised: labels are -100)
+            batch["teacher_ids"] = torch.arange(K).repeat(len(rows), length, 1)
+            batch["teacher_logprobs"] = torch.zeros((len(rows), length, K), dtype=torch.float32)
         for b, r in enumerate(rows):
             n = len(r["input_ids"])
             span = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
+            if "teacher_ids" in r:
+                batch["teacher_ids"][b, span] = torch.tensor(r["teacher_ids"], dtype=torch.long)
+                batch["teacher_logprobs"][b, span] = torch.tensor(r["teacher_logprobs"], dtype=torch.float32)
             batch["input_ids"][b, span] = torch.tensor(r["input_ids"], dtype=torch.long)
             batch["attention_mask"][b, span] = 1
             batch["labels"][b, span] = torch.tensor(r["labels"], dtype=torch.long)

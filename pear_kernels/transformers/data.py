@@ -444,14 +444,41 @@ def build_example(
             )
         behavior[pos] = float(v)
     labels = [ignore_index] * P + list(response_ids)
+    teacher = _teacher_columns(rec, P, L, len(response_ids), where)
     if max_length is not None:
         input_ids, labels, behavior = input_ids[:max_length], labels[:max_length], behavior[:max_length]
-    return {
+        if teacher is not None:
+            teacher = (teacher[0][:max_length], teacher[1][:max_length])
+    out = {
         "input_ids": input_ids,
         "attention_mask": [1] * len(input_ids),
         "labels": labels,
         "behavior_logprobs": behavior,
     }
+    if teacher is not None:
+        out["teacher_ids"], out["teacher_logprobs"] = teacher
+    return out
+
+
+def _teacher_columns(rec, P: int, L: int, R: int, where: str):
+    """Stored teacher top-k (``teacher_ids``/``teacher_logprobs``, one list of K per response
+    token, as ``collect --top-k`` writes them) aligned with input_ids: (L, K) each, prompt
+    positions filled with K distinct ids 0..K-1 and log-probs 0 (never supervised, never read)."""
+    ids, lps = rec.get("teacher_ids"), rec.get("teacher_logprobs")
+    if ids is None and lps is None:
+        return None
+    if ids is None or lps is None:
+        raise DataFormatError(f"{where}: 'teacher_ids' and 'teacher_logprobs' come together")
+    if len(ids) != R or len(lps) != R:
+        raise DataFormatError(
+            f"{where}: teacher_ids/teacher_logprobs have {len(ids)}/{len(lps)} entries for {R} response tokens"
+        )
+    K = len(ids[0]) if R else 0
+    for j, (a, b) in enumerate(zip(ids, lps)):
+        if len(a) != K or len(b) != K:
+            raise DataFormatError(f"{where}: teacher top-k entry {j} has {len(a)} ids and {len(b)} log-probs, not {K}")
+    pad_ids, pad_lp = [list(range(K))] * P, [[0.0] * K] * P
+    return pad_ids + [list(a) for a in ids], pad_lp + [[float(x) for x in b] for b in lps]
 
 
 # ----------------------------------------------------------------------------- data set

@@ -87,6 +87,9 @@ class PEARPatchState:
     chunk_size: Optional[int] = None
     backend: Optional[str] = None
     require_behavior_logprobs: bool = True
+    # distillation from stored teacher top-k (used when the batch carries teacher_ids /
+    # teacher_logprobs): keyword arguments of fused_pear_distill_loss (tail, hard_weight)
+    distill: Optional[Dict[str, Any]] = None
 
 
 def _effective_forward(model):
@@ -198,8 +201,18 @@ def _pear_loss_from_hidden(
     num_items_in_batch,
     ignore_index: int,
     state: PEARPatchState,
+    teacher: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, Any]:
     B, T, _ = hidden_states.shape
+    if teacher is not None:
+        t_ids, t_lp = teacher
+        if not (torch.is_tensor(t_ids) and torch.is_tensor(t_lp)) or t_ids.dim() != 3 or tuple(t_ids.shape[:2]) != (B, T) \
+                or t_lp.shape != t_ids.shape:
+            raise ValueError(
+                f"teacher_ids and teacher_logprobs must be (B, T, K) aligned with input_ids {(B, T)}, got "
+                f"{tuple(getattr(t_ids, 'shape', ()))} and {tuple(getattr(t_lp, 'shape', ()))}"
+            )
+        t_ids, t_lp = t_ids.to(hidden_states.device), t_lp.to(hidden_states.device)
     if behavior_logprobs is None:
         if state.config.variant is not Variant.NONE:
             raise ValueError(
@@ -221,6 +234,7 @@ def _pear_loss_from_hidden(
         if tuple(shift_labels.shape) != (B, T):
             raise ValueError(f"shift_labels must have shape {(B, T)}, got {tuple(shift_labels.shape)}")
         h, y, lb = hidden_states, shift_labels.to(hidden_states.device), behavior_logprobs
+        tt = (t_ids, t_lp) if teacher is not None else None
         ids = packed
     else:
         if tuple(labels.shape) != (B, T):
@@ -228,6 +242,8 @@ def _pear_loss_from_hidden(
         labels = labels.to(hidden_states.device)
         # position i predicts token i + 1: drop the last hidden state and the first label / log-prob
         h, y, lb = hidden_states[:, :-1], labels[:, 1:], behavior_logprobs[:, 1:]
+        # the teacher's top-k at input position i + 1 is what hidden state i is trained on
+        tt = (t_ids[:, 1:], t_lp[:, 1:]) if teacher is not None else None
         ids = None
         if packed is not None:
             # a pair (i -> i + 1) that crosses into the next packed sequence is not a prediction
@@ -260,6 +276,22 @@ def _pear_loss_from_hidden(
         yy, ll = y.to(weight.device), lb.to(device=weight.device)
         ll = ll.to(torch.float32) if ll.dtype in (torch.float16, torch.bfloat16) else ll
         with torch.autocast(device_type, enabled=False):
+            if tt is not None:
+                from ..distill import fused_pear_distill_loss
+
+                dopts = dict(config=opts["config"], temperature=opts["temperature"],
+                             num_items_in_batch=opts["num_items_in_batch"], ignore_index=ignore_index,
+                             return_stats=opts["return_stats"], chunk_size=opts["chunk_size"],
+                             **(state.distill or {}))
+                ti, tl = tt[0].to(weight.device), tt[1].to(device=weight.device, dtype=torch.float32)
+                if ids is not None:
+                    cu = _cu_seqlens(ids.reshape(-1).to(weight.device))
+                    K = ti.shape[-1]
+                    return fused_pear_distill_loss(
+                        hid.reshape(-1, hid.shape[-1]), weight, yy.reshape(-1), ll.reshape(-1),
+                        ti.reshape(-1, K), tl.reshape(-1, K), bias=bias, cu_seqlens=cu, **dopts,
+                    )
+                return fused_pear_distill_loss(hid, weight, yy, ll, ti, tl, bias=bias, **dopts)
             if ids is not None:
                 cu = _cu_seqlens(ids.reshape(-1).to(weight.device))
                 return fused_pear_loss(
@@ -277,7 +309,7 @@ def _make_forward(original):
     sig = inspect.signature(original)
 
     @functools.wraps(original)
-    def pear_forward(self, *args, behavior_logprobs=None, **kwargs):
+    def pear_forward(self, *args, behavior_logprobs=None, teacher_ids=None, teacher_logprobs=None, **kwargs):
         state: PEARPatchState = pear_state(self)
         named, extra = _bind(sig, self, args, kwargs)
         labels = named.pop("labels", None)
@@ -304,6 +336,7 @@ def _make_forward(original):
             self, hidden_states, labels, shift_labels, behavior_logprobs,
             named.get("position_ids", extra.get("position_ids")), extra.get("seq_idx"),
             extra.get("cu_seq_lens_q"), num_items, ignore_index, state,
+            teacher=(teacher_ids, teacher_logprobs) if teacher_ids is not None or teacher_logprobs is not None else None,
         )
         loss, stats = result if isinstance(result, tuple) else (result, None)
         out = PEARCausalLMOutput(
@@ -317,12 +350,13 @@ def _make_forward(original):
         return out.to_tuple() if return_dict is False else out
 
     params = list(sig.parameters.values())
-    new = inspect.Parameter("behavior_logprobs", inspect.Parameter.KEYWORD_ONLY, default=None)
+    new = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+           for n in ("behavior_logprobs", "teacher_ids", "teacher_logprobs")]
     var_kw = [i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD]
     if var_kw:
-        params.insert(var_kw[0], new)
+        params[var_kw[0]:var_kw[0]] = new
     else:
-        params.append(new)
+        params.extend(new)
     pear_forward.__signature__ = sig.replace(parameters=params)
     del pear_forward.__wrapped__  # inspect must read __signature__, not the original's
     pear_forward._pear_patched = True
@@ -379,6 +413,7 @@ def apply_pear_kernel(
     temperature: float = 1.0,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
+    distill: Optional[Dict[str, Any]] = None,
     **overrides,
 ):
     """Make ``model`` train with the fused PEAR loss; returns ``model``.
@@ -389,7 +424,12 @@ def apply_pear_kernel(
     ``config``/``overrides``: the PEARConfig (and field overrides). ``temperature`` divides the
     logits; ``chunk_size`` and ``backend`` go to fused_pear_loss. Applying again replaces the
     settings; ``remove_pear_kernel`` restores the original forward.
+    ``distill``: settings of fused_pear_distill_loss ({"tail": ..., "hard_weight": ...}) used
+    when a batch carries ``teacher_ids``/``teacher_logprobs`` (aligned with input_ids).
     """
+    if distill is not None:
+        if not isinstance(distill, dict) or set(distill) - {"tail", "hard_weight", "kl"}:
+            raise ValueError(f"distill must be a dict with keys among tail, hard_weight, kl; got {distill!r}")
     cls = _causal_lm_class(model)
     if config is not None and not isinstance(config, PEARConfig):
         raise TypeError(f"config must be a PEARConfig, got {type(config).__name__}")
@@ -417,7 +457,7 @@ def apply_pear_kernel(
             original = pear_state(cls).original_forward
     state = PEARPatchState(
         config=config, original_forward=original, patched_instance=isinstance(model, nn.Module),
-        temperature=float(temperature), chunk_size=chunk_size, backend=backend,
+        temperature=float(temperature), chunk_size=chunk_size, backend=backend, distill=distill,
     )
     forward = _make_forward(original)
     if isinstance(model, nn.Module):
