@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", required=True, nargs="+", help="JSONL file(s) of vLLM-style request outputs")
     g.add_argument("--output", required=True, help="output JSONL file")
     g.add_argument("--tokenizer", help="tokenizer directory, to tokenize text prompts")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="also keep the K most likely ids and log-probs of each position (teacher_ids / "
+                        "teacher_logprobs, for distillation); the records need logprobs dicts with >= K entries")
     g.add_argument("--logprobs-mode", choices=("processed", "raw"), default=None,
                    help="whether the sampler recorded log-probs of the distribution it drew from "
                         "(processed: after temperature/top-k/top-p, vLLM's processed_logprobs) or of "
@@ -228,7 +231,7 @@ def _run(args, collect_mod, load_pear_dataset) -> int:
     if args.command == "ingest-vllm":
         records = collect_mod.ingest_generation_logprobs(
             args.input if len(args.input) > 1 else args.input[0], args.output,
-            tokenizer=_tokenizer(args.tokenizer), logprobs_mode=args.logprobs_mode,
+            tokenizer=_tokenizer(args.tokenizer), logprobs_mode=args.logprobs_mode, top_k=args.top_k,
         )
         print(json.dumps({"records": len(records), "output": args.output}))
         return 0

@@ -161,3 +161,20 @@ def test_top_k_teacher_distribution_is_stored(setup, tmp_path):
             assert row["teacher_ids"][j] == top.indices.tolist()
             assert row["teacher_logprobs"][j] == pytest.approx(top.values.tolist(), abs=2e-5)
             assert row["behavior_logprobs"][j] == pytest.approx(float(logp[P - 1 + j, row["response_ids"][j]]), abs=2e-5)
+
+
+def test_ingest_vllm_top_k_lists():
+    from pear_kernels.transformers import ingest_generation_logprobs
+    from pear_kernels.transformers.data import DataFormatError
+
+    rec = {"prompt_token_ids": [1, 2], "logprobs_mode": "processed_logprobs", "outputs": [{
+        "token_ids": [5, 6],
+        "logprobs": [{"5": {"logprob": -0.2}, "9": {"logprob": -1.9}, "3": {"logprob": -3.0}},
+                     {"7": -0.1, "6": -2.5, "8": -4.0}],
+    }]}
+    row = ingest_generation_logprobs([rec], top_k=2)[0]
+    assert row["teacher_ids"] == [[5, 9], [7, 6]]
+    assert row["teacher_logprobs"] == [[-0.2, -1.9], [-0.1, -2.5]]
+    assert row["behavior_logprobs"] == [-0.2, -2.5]
+    with pytest.raises(DataFormatError, match="fewer than top_k=4"):
+        ingest_generation_logprobs([rec], top_k=4)

@@ -749,8 +749,31 @@ def _expand_outputs(rec: Dict[str, Any], where: str) -> Iterable[Tuple[str, Dict
 _MODES = {"processed": "processed", "processed_logprobs": "processed", "raw": "raw", "raw_logprobs": "raw"}
 
 
+def _top_k_entries(entry, k: int, where: str, pos: int) -> Tuple[List[int], List[float]]:
+    """The k most likely (id, log-prob) pairs of one vLLM-style {token_id: logprob} entry."""
+    if not isinstance(entry, dict):
+        raise DataFormatError(f"{where}: logprobs[{pos}] must be a {{token_id: logprob}} object to take top-{k} from")
+    pairs = []
+    for key, value in entry.items():
+        try:
+            tid = int(key)
+        except (TypeError, ValueError):
+            raise DataFormatError(f"{where}: logprobs[{pos}] keys must be token ids, got {key!r}") from None
+        v = value.get("logprob") if isinstance(value, dict) else value
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v) or v > _LOGPROB_TOLERANCE:
+            raise DataFormatError(f"{where}: logprobs[{pos}][{key!r}] is not a log-probability")
+        pairs.append((float(v), tid))
+    if len(pairs) < k:
+        raise DataFormatError(
+            f"{where}: logprobs[{pos}] has {len(pairs)} entries, fewer than top_k={k} (generate with logprobs >= {k})"
+        )
+    pairs.sort(key=lambda x: (-x[0], x[1]))
+    top = pairs[:k]
+    return [t for _, t in top], [v for v, _ in top]
+
+
 def ingest_generation_logprobs(source, output_path: Optional[str] = None, *, tokenizer=None,
-                               logprobs_mode: Optional[str] = None) -> List[Dict[str, Any]]:
+                               logprobs_mode: Optional[str] = None, top_k: int = 0) -> List[Dict[str, Any]]:
     """Records with behavior log-probs from generation-time logs (vLLM-style).
 
     Each input record has the prompt ("prompt" text, or "prompt_token_ids"/"prompt_ids") and
@@ -767,7 +790,13 @@ def ingest_generation_logprobs(source, output_path: Optional[str] = None, *, tok
     from this argument or from each record's "logprobs_mode" field; every output row records
     it as "behavior_logprobs_mode", and records that disagree (with each other or with the
     argument) are refused: a collection mixing the two has no single meaning.
+
+    ``top_k`` > 0: from each position's {token_id: logprob} dict (vLLM's ``logprobs=N`` output,
+    which holds the N most likely tokens besides the sampled one) keep the K most likely as
+    ``teacher_ids``/``teacher_logprobs`` for fused_pear_distill_loss.
     """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
     if logprobs_mode is not None and logprobs_mode not in _MODES:
         raise ValueError(f"logprobs_mode must be one of {sorted(_MODES)}, got {logprobs_mode!r}")
     mode = _MODES.get(logprobs_mode) if logprobs_mode is not None else None
@@ -813,6 +842,9 @@ def ingest_generation_logprobs(source, output_path: Optional[str] = None, *, tok
                     )
                 row.update(prompt=parent["prompt"], response=text)
             row.update(behavior_token_ids=list(token_ids), behavior_logprobs=values)
+            if top_k:
+                tops = [_top_k_entries(e, top_k, w, i) for i, e in enumerate(logprobs)]
+                row.update(teacher_ids=[t[0] for t in tops], teacher_logprobs=[t[1] for t in tops])
             out_records.append(row)
     if mode is None:
         mode = "unknown"
