@@ -29,6 +29,9 @@ LABELS = OrderedDict(
         ("torch_lce_matched", "torch linear_cross_entropy (our chunk rows) + PEAR weights"),
         ("liger", "Liger FLCE + PEAR weights"),
         ("cce_compile", "cut-cross-entropy torch_compile + PEAR weights"),
+        ("flash_attn_ce", "flash-attn Triton cross-entropy (materialised logits) + PEAR weights"),
+        ("distill_fused", "pear_kernels fused top-k distillation (K=8, bucket)"),
+        ("distill_naive", "naive top-k distillation (materialised logits)"),
     ]
 )
 

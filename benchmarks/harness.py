@@ -300,6 +300,49 @@ def _flash_attn_ce(hidden, weight, labels, behavior, cu, variant, chunk_size=Non
     return _pear_from_token_ce(ce.to(hidden.dtype), labels, behavior, cu, variant)
 
 
+DISTILL_TOP_K = 8
+_TEACHER_CACHE: Dict = {}
+
+
+def _teacher_topk(labels, vocab: int):
+    """Deterministic stand-in teacher top-k (ids, log-probs) for the distillation cases, built
+    once per shape (outside the timed region after the first call)."""
+    key = (labels.numel(), vocab)
+    if key not in _TEACHER_CACHE:
+        g = torch.Generator().manual_seed(7)
+        n = labels.numel()
+        ids = torch.stack([torch.randperm(vocab, generator=g)[:DISTILL_TOP_K] for _ in range(min(n, 64))])
+        ids = ids.repeat((n + 63) // 64, 1)[:n]
+        lq = torch.log_softmax(torch.randn(n, DISTILL_TOP_K + 1, generator=g), -1)[:, :DISTILL_TOP_K]
+        _TEACHER_CACHE[key] = (ids.to(labels.device), lq.to(labels.device))
+    return _TEACHER_CACHE[key]
+
+
+def _distill_fused(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+    from pear_kernels import fused_pear_distill_loss
+
+    ids, lq = _teacher_topk(labels, weight.shape[0])
+    return fused_pear_distill_loss(hidden, weight, labels, behavior, ids, lq, cu_seqlens=cu, variant=variant,
+                                   chunk_size=chunk_size, tail="bucket")
+
+
+def _distill_naive(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+    """Materialised logits: log_softmax, gather the teacher's top-k, bucket KL, PEAR weights."""
+    from pear_kernels.weights import pear_weights
+
+    ids, lq = _teacher_topk(labels, weight.shape[0])
+    s = torch.log_softmax((hidden @ weight.t()).float(), -1)
+    mask = labels != IGNORE_INDEX
+    s_top = s.gather(1, ids)
+    q = lq.exp()
+    r = (1 - q.sum(1)).clamp(min=0)
+    rest = (1 - s_top.exp().sum(1)).clamp(min=1e-12)
+    kl = (q * (lq - s_top)).sum(1) + r * (torch.log(r.clamp(min=1e-30)) - torch.log(rest))
+    log_ratio = s.gather(1, labels.clamp(min=0)[:, None]).squeeze(1).detach().double() - behavior.double()
+    w = pear_weights(log_ratio, mask, cu_seqlens=cu, variant=variant)
+    return (w.to(kl.dtype) * kl * mask).sum() / mask.sum().clamp(min=1)
+
+
 def _floor(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
     """The matmuls of the fused loss alone, on the same chunks, into the same gradient buffers.
 
@@ -353,6 +396,8 @@ LOSSES: Dict[str, Callable] = {
     "liger": _liger,
     "cce_compile": _cce_compile,
     "flash_attn_ce": _flash_attn_ce,
+    "distill_fused": _distill_fused,
+    "distill_naive": _distill_naive,
 }
 
 # Matmuls of the size (tokens x H x V) that each variant's fused path does.

@@ -159,3 +159,19 @@ def test_bad_teacher_inputs_are_named(change, match):
         kw["hard_weight"] = 1.5
     with pytest.raises((ValueError, TypeError), match=match):
         fused_pear_distill_loss(hidden, weight, labels, behavior, ids, lq, cu_seqlens=cu, **kw)
+
+
+def test_distillation_example_runs(tmp_path):
+    """examples/distill_topk.py end to end at smoke size (teacher, top-k records, three arms)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, os.path.join(root, "examples", "distill_topk.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "distill_pear" in proc.stdout and "wall" in proc.stdout
