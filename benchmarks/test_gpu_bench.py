@@ -184,7 +184,11 @@ def _loss_fn(impl: str, shape: Shape):
         # package's __init__ needs its CUDA extension); skipped with the install line when absent
         if ORACLE_BYTES_PER_LOGIT * shape.n * shape.v > ORACLE_MAX_BYTES:
             pytest.skip("flash-attn's cross-entropy takes materialised logits: more than 40 GiB here")
-        from benchmarks.harness import PeerUnavailable, flash_attn_cross_entropy, load_flash_attn_cross_entropy
+        from benchmarks.harness import (
+            PeerUnavailable,
+            flash_attn_cross_entropy,
+            load_flash_attn_cross_entropy,
+        )
 
         try:
             load_flash_attn_cross_entropy()

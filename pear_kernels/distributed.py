@@ -23,7 +23,6 @@ Only torch is imported here.
 
 from __future__ import annotations
 
-import math
 import struct
 from typing import Callable, List, Optional, Tuple
 

@@ -9,7 +9,7 @@ import torch
 from .config import PEARConfig, Variant
 from .ops.fused_linear_pear import fused_linear_pear
 from .problem_inputs import loss_options, prepare_problem, shift_targets
-from .stats import PEARStats, summarize
+from .stats import summarize
 
 __all__ = ["fused_pear_loss", "PEARLoss"]
 

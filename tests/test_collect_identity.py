@@ -9,8 +9,8 @@ import stat
 import pytest
 import torch
 
-from pear_kernels.transformers import collect_behavior_logprobs, load_pear_dataset
 from pear_kernels.transformers import collect as collect_mod
+from pear_kernels.transformers import collect_behavior_logprobs, load_pear_dataset
 from pear_kernels.transformers.data import DataFormatError, MisalignedExampleError
 
 from . import hf_utils

@@ -14,7 +14,7 @@ import torch
 
 from ..kernels import torch_distill
 from ..kernels.problem import PEARProblem
-from .fused_linear_pear import _loss_dtype, _needed_grads, _scale_by
+from .fused_linear_pear import _loss_dtype, _needed_grads, finish_grads
 from .once import differentiable_once
 
 __all__ = ["FusedLinearDistillFunction", "fused_linear_distill"]
@@ -53,12 +53,9 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             problem = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
             g = grad_out.reshape(-1)[problem.layout.sup_index].to(torch.float64)
             grads = torch_distill.backward(problem, ctx.targets, g * log_w.exp(), ctx.need)
-            dh, dw, db = grads.hidden, grads.weight, grads.bias
+            dh, dw, db = finish_grads(ctx, grads.hidden, grads.weight, grads.bias)
         else:
-            dh, dw, db = (_scale_by(t, grad_out) for t in ctx.saved_tensors)
-        dh = dh.to(ctx.hidden_dtype) if dh is not None else None
-        dw = dw.to(ctx.param_dtype) if dw is not None else None
-        db = db.to(ctx.param_dtype) if db is not None else None
+            dh, dw, db = finish_grads(ctx, *ctx.saved_tensors, grad_out=grad_out)
         return dh, dw, db, None, None, None, None, None, None
 
 

@@ -38,6 +38,17 @@ def _needed_grads(hidden, weight, bias) -> Tuple[bool, bool, bool]:
     )
 
 
+def finish_grads(ctx, dh, dw, db, grad_out=None):
+    """Scale saved gradients by grad_output (when given) and round them to the inputs' dtypes:
+    the one place the 16-bit rounding happens, after any upstream scale (GradScaler)."""
+    if grad_out is not None:
+        dh, dw, db = (_scale_by(t, grad_out) for t in (dh, dw, db))
+    dh = dh.to(ctx.hidden_dtype) if dh is not None else None
+    dw = dw.to(ctx.param_dtype) if dw is not None else None
+    db = db.to(ctx.param_dtype) if db is not None else None
+    return dh, dw, db
+
+
 def _scale_by(grad: Optional[torch.Tensor], grad_out: torch.Tensor) -> Optional[torch.Tensor]:
     """grad * grad_out, skipping the multiply when grad_out is exactly 1 on CPU (the usual
     loss.backward()). On other devices the check would stall the stream (a host sync), and a
@@ -109,14 +120,9 @@ class FusedLinearPEARFunction(torch.autograd.Function):
                 grads = ctx.backend.backward(problem, g * log_w.exp(), ctx.need, ucoef=g)
             else:
                 grads = ctx.backend.backward(problem, g * log_w.exp(), ctx.need)
-            dh = grads.hidden.to(ctx.hidden_dtype) if grads.hidden is not None else None
-            dw = grads.weight.to(ctx.param_dtype) if grads.weight is not None else None
-            db = grads.bias.to(ctx.param_dtype) if grads.bias is not None else None
+            dh, dw, db = finish_grads(ctx, grads.hidden, grads.weight, grads.bias)
         else:
-            dh, dw, db = (_scale_by(t, grad_out) for t in ctx.saved_tensors)
-            dh = dh.to(ctx.hidden_dtype) if dh is not None else None
-            dw = dw.to(ctx.param_dtype) if dw is not None else None
-            db = db.to(ctx.param_dtype) if db is not None else None
+            dh, dw, db = finish_grads(ctx, *ctx.saved_tensors, grad_out=grad_out)
         return dh, dw, db, None, None, None, None, None, None
 
 

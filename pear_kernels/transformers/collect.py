@@ -92,12 +92,18 @@ def _atomic_write(path: str, text: str) -> None:
     would leave it 0600), and the directory is fsynced after the rename so that a crash cannot
     lose a shard that the manifest already counts.
     """
+    _atomic_replace(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _atomic_replace(path: str, write) -> None:
+    """Write a temporary file in ``path``'s directory with ``write(binary file)``, fsync it,
+    give it the umask's permissions, rename it over ``path`` and fsync the directory."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -212,20 +218,7 @@ def _write_parquet_shard(path: str, rows: List[Dict[str, Any]]) -> None:
     for name in other:
         columns[name] = pa.array([r.get(name) for r in rows])
     table = pa.table(columns)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic_replace(path, lambda f: pq.write_table(table, f))
 
 
 def _load_model(model, tokenizer, device, dtype):
