@@ -180,3 +180,21 @@ def test_cli_validate(tmp_path, capsys):
     assert main(["validate", path, "--tokenizer", str(tok_dir), "--skip-misaligned"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["examples"] == 2 and report["skipped"] == 1 and report["supervised_tokens"] > 0
+
+
+def test_load_pear_dataset_is_a_datasets_dataset_and_streams(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    tok = hf_utils.tokenizer()
+    recs = hf_utils.text_records(6)
+    bad = dict(recs[2], behavior_token_ids=list(reversed(recs[2]["behavior_token_ids"])))
+    recs[2] = bad  # misaligned: skipped and counted
+    path = hf_utils.write_jsonl(tmp_path / "d.jsonl", recs)
+    ds = load_pear_dataset(path, tok, skip_misaligned=True)
+    assert isinstance(ds, datasets.Dataset) and len(ds) == 5 and ds.num_skipped == 1 and ds.skipped[0][0] == 2
+    assert {"input_ids", "labels", "behavior_logprobs", "attention_mask"} <= set(ds.column_names)
+    stream = load_pear_dataset(path, tok, skip_misaligned=True, streaming=True)
+    assert isinstance(stream, datasets.IterableDataset)
+    assert list(stream) == ds.to_list()
+    # the messages keep file and line
+    with pytest.raises(Exception, match=r"d\.jsonl:3"):
+        load_pear_dataset(path, tok)

@@ -19,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .auto import AutoPEARKernelForCausalLM
 from .collator import PEARDataCollator
 from .collect import collect_behavior_logprobs, ingest_generation_logprobs, read_collected
-from .data import MisalignedExampleError, PEARDataset, build_example, load_pear_dataset, read_records
+from .data import MisalignedExampleError, build_example, load_pear_dataset, read_records
 from .patch import (
     apply_pear_kernel,
     apply_pear_kernel_to_llama,
@@ -55,6 +55,10 @@ __all__ = [
 
 
 def __getattr__(name):
+    if name == "PEARDataset":  # a datasets.Dataset subclass: datasets is imported when asked for
+        from . import data
+
+        return data.PEARDataset
     # The trainers are imported when first asked for: transformers.Trainer pulls in accelerate
     # (seconds of import time), and TRL is optional, so `import pear_kernels.transformers` stays
     # light and works with transformers alone.

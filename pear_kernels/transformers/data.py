@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,7 +40,6 @@ import torch
 __all__ = [
     "DataFormatError",
     "MisalignedExampleError",
-    "PEARDataset",
     "build_example",
     "load_pear_dataset",
     "read_records",
@@ -484,30 +482,73 @@ def _teacher_columns(rec, P: int, L: int, R: int, where: str):
 # ----------------------------------------------------------------------------- data set
 
 
-@dataclass
-class PEARDataset(torch.utils.data.Dataset):
-    """Tokenized PEAR examples (lists of ints / floats), and what was skipped while loading."""
+def _datasets():
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - the hf extra installs it
+        raise ImportError("load_pear_dataset needs the datasets package: pip install -e \".[hf]\"") from exc
+    return datasets
 
-    examples: List[Dict[str, List]]
-    skipped: List[Tuple[int, str, str]] = field(default_factory=list)  # (index, location, reason)
 
-    def __len__(self) -> int:
-        return len(self.examples)
+def _make_pear_dataset_class():
+    datasets = _datasets()
 
-    def __getitem__(self, i):
-        return self.examples[i]
+    class PEARDataset(datasets.Dataset):
+        """A ``datasets.Dataset`` of tokenized PEAR examples (Arrow-backed; accepted wherever a
+        Dataset is: Trainer, TRL's SFTTrainer, ``map``/``filter``/``save_to_disk``), plus what was
+        skipped while loading: ``skipped`` holds (index, location, reason) triples."""
 
-    @property
-    def num_skipped(self) -> int:
-        return len(self.skipped)
+        skipped: List[Tuple[int, str, str]] = []
 
-    def to_hf_dataset(self):
-        """A datasets.Dataset with the same columns (for TRL's SFTTrainer)."""
-        try:
-            import datasets
-        except ImportError as exc:  # pragma: no cover
-            raise ImportError("to_hf_dataset needs the datasets package: pip install pear_kernels[hf]") from exc
-        return datasets.Dataset.from_list(self.examples)
+        @property
+        def num_skipped(self) -> int:
+            return len(self.skipped)
+
+        @property
+        def examples(self) -> List[Dict[str, List]]:
+            """The examples as plain Python lists (a copy)."""
+            return self.to_list()
+
+        def to_hf_dataset(self):
+            """Kept for older callers: this already is a datasets.Dataset."""
+            return self
+
+        @classmethod
+        def wrap(cls, ds, skipped):
+            ds.__class__ = cls
+            ds.skipped = list(skipped)
+            return ds
+
+    return PEARDataset
+
+
+_PEAR_DATASET = None
+
+
+def __getattr__(name):  # PEP 562: the datasets import happens when PEARDataset is first needed
+    global _PEAR_DATASET
+    if name == "PEARDataset":
+        if _PEAR_DATASET is None:
+            _PEAR_DATASET = _make_pear_dataset_class()
+        return _PEAR_DATASET
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _build_or_skip(index, where, rec, tokenizer, max_length, skip_misaligned, add_special_tokens, append_eos,
+                   ignore_index):
+    """(example, None) or (None, reason) for one record."""
+    try:
+        ex = build_example(
+            rec, tokenizer, index=index, where=where, max_length=max_length,
+            add_special_tokens=add_special_tokens, append_eos=append_eos, ignore_index=ignore_index,
+        )
+    except MisalignedExampleError as exc:
+        if not skip_misaligned:
+            raise
+        return None, str(exc)
+    if all(y == ignore_index for y in ex["labels"][1:]):
+        return None, "no supervised token (empty response, or truncated away)"
+    return ex, None
 
 
 def load_pear_dataset(
@@ -519,8 +560,17 @@ def load_pear_dataset(
     add_special_tokens: bool = True,
     append_eos: Optional[bool] = None,
     ignore_index: int = -100,
-) -> PEARDataset:
+    streaming: bool = False,
+):
     """Load and align PEAR examples from JSONL/Parquet files, a ``collect`` output dir, or records.
+
+    Returns a ``PEARDataset``, a ``datasets.Dataset`` (Arrow-backed) with the columns
+    input_ids, attention_mask, labels, behavior_logprobs (and teacher_ids/teacher_logprobs
+    when the data carries the teacher's top-k), plus ``.skipped`` / ``.num_skipped``.
+    ``streaming=True`` returns a ``datasets.IterableDataset`` that builds examples lazily as it
+    is iterated (for inputs larger than memory; nothing is counted, skipped examples are
+    dropped as they come, a misaligned one still raises unless ``skip_misaligned``).
+    Every check keeps its message with file and line.
 
     ``append_eos``: see build_example (None: follow the stored token ids).
     ``max_length`` truncates from the end; an example left without a supervised token is
@@ -529,20 +579,25 @@ def load_pear_dataset(
     """
     if max_length is not None and (not _is_int(max_length) or max_length < 2):
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    datasets = _datasets()
+    kw = dict(tokenizer=tokenizer, max_length=max_length, skip_misaligned=skip_misaligned,
+              add_special_tokens=add_special_tokens, append_eos=append_eos, ignore_index=ignore_index)
+    if streaming:
+        def generate():
+            for index, (where, rec) in enumerate(iter_source(source)):
+                ex, _ = _build_or_skip(index, where, rec, **kw)
+                if ex is not None:
+                    yield ex
+
+        return datasets.IterableDataset.from_generator(generate)
     examples, skipped = [], []
     for index, (where, rec) in enumerate(iter_source(source)):
-        try:
-            ex = build_example(
-                rec, tokenizer, index=index, where=where, max_length=max_length,
-                add_special_tokens=add_special_tokens, append_eos=append_eos, ignore_index=ignore_index,
-            )
-        except MisalignedExampleError as exc:
-            if not skip_misaligned:
-                raise
-            skipped.append((index, where, str(exc)))
-            continue
-        if all(y == ignore_index for y in ex["labels"][1:]):
-            skipped.append((index, where, "no supervised token (empty response, or truncated away)"))
-            continue
-        examples.append(ex)
-    return PEARDataset(examples, skipped)
+        ex, reason = _build_or_skip(index, where, rec, **kw)
+        if ex is None:
+            skipped.append((index, where, reason))
+        else:
+            examples.append(ex)
+    ds = datasets.Dataset.from_list(examples) if examples else datasets.Dataset.from_dict(
+        {"input_ids": [], "attention_mask": [], "labels": [], "behavior_logprobs": []}
+    )
+    return __getattr__("PEARDataset").wrap(ds, skipped)
