@@ -104,14 +104,20 @@ def test_token_logprobs_second_backward(backend):
     torch.testing.assert_close(h.grad, 2 * g)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_double_backward_raises(reduction):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["mean", "sum", "none", "token_logprobs"])
+def test_double_backward_raises(backend, op):
     hidden, weight, labels, behavior, cu = _packed(dtype=torch.float32)
     h = hidden.requires_grad_(True)
-    loss = fused_pear_loss(h, weight, labels, behavior, cu_seqlens=cu, reduction=reduction)
-    loss = loss.sum()
+    if op == "token_logprobs":
+        loss = fused_token_logprobs(h, weight, labels, backend=backend).sum()
+    else:
+        loss = fused_pear_loss(h, weight, labels, behavior, cu_seqlens=cu, reduction=op, backend=backend).sum()
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(loss, h, create_graph=True)
+    # a gradient penalty written the other way round (backward with create_graph) too
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        loss.backward(create_graph=True)
 
 
 class _CountingSink(torch_chunked._GradSink):
