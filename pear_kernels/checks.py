@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,6 +16,8 @@ __all__ = ["CheckedInputs", "check_inputs", "check_cu_seqlens", "check_num_items
 # Behavior log-probs a hair above 0 come from float rounding in the sampler (log of a
 # probability that rounded to 1); anything larger is a bug in the data, not rounding.
 BEHAVIOR_LOGPROB_TOLERANCE = 1e-4
+# labels are compared with ignore_index as int64
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 
@@ -66,11 +69,16 @@ def check_num_items(num_items_in_batch) -> float:
         if n.dtype == torch.bool or n.is_complex():
             raise TypeError(f"num_items_in_batch must be a real number, got dtype {n.dtype}")
         n = n.item()
-    if isinstance(n, bool) or not isinstance(n, (int, float)):
+    # numbers.Real admits numpy scalars (np.int64 from a data pipeline), not bools
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):
         raise TypeError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
-    if not (n > 0 and math.isfinite(n)):
+    try:
+        value = float(n)
+    except OverflowError:  # an int beyond float range
+        value = math.inf
+    if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"num_items_in_batch must be a positive finite number, got {num_items_in_batch!r}")
-    return float(n)
+    return value
 
 
 def check_weight_clip(config: PEARConfig, dtype: torch.dtype) -> None:
@@ -173,8 +181,10 @@ def check_inputs(
             f"temperature {temperature!r} is too small: logits / temperature would overflow "
             f"{'float64' if hidden.dtype == torch.float64 else 'float32'}"
         )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int (e.g. -100), got {ignore_index!r}")
+    if not _INT64_MIN <= int(ignore_index) <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 (labels are int64), got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if num_items_in_batch is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Tuple
 
@@ -78,8 +79,9 @@ class PEARConfig:
         if not (0.0 < gamma <= 1.0):
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
         object.__setattr__(self, "gamma", gamma)
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, numbers.Integral):
             raise TypeError(f"block_size must be an int >= 1, got {self.block_size!r}")
+        object.__setattr__(self, "block_size", int(self.block_size))  # a numpy integer too
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.block_size > MAX_BLOCK_SIZE:

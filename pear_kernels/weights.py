@@ -23,6 +23,7 @@ whole batch. No other module computes a weight.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -316,5 +317,13 @@ def pear_weights(
     Returns a tensor of log_ratio's shape and dtype; masked positions hold 0.
     """
     mask_ = mask if mask is not None else torch.ones_like(log_ratio, dtype=torch.bool)
+    if torch.is_tensor(log_ratio) and log_ratio.is_floating_point():
+        high = (config or PEARConfig()).with_overrides(**overrides).log_weight_clip[1]
+        limit = math.log(torch.finfo(log_ratio.dtype).max)
+        if high > limit:  # the weights come back in log_ratio's dtype: exp(high) must fit in it
+            raise ValueError(
+                f"log_weight_clip upper bound {high} is too large: exp({high}) overflows "
+                f"{log_ratio.dtype} weights (at most {limit:.2f}; use pear_log_weights for the log-weights)"
+            )
     log_w = pear_log_weights(log_ratio, mask, config=config, cu_seqlens=cu_seqlens, **overrides)
     return torch.where(mask_, log_w.exp(), torch.zeros_like(log_w)).to(log_ratio.dtype)

@@ -123,3 +123,30 @@ def test_token_logprobs_checks_labels(args):
 def test_token_logprobs_checks_chunk_size(args):
     with pytest.raises(ValueError, match="chunk_size"):
         fused_token_logprobs(args["hidden"], args["lm_head_weight"], args["labels"], chunk_size=0)
+
+
+@pytest.mark.parametrize("fn", FNS)
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(num_items_in_batch=10**400), ValueError, "num_items_in_batch"),  # beyond float: no OverflowError
+    (dict(num_items_in_batch=float("inf")), ValueError, "num_items_in_batch"),
+    (dict(num_items_in_batch=torch.tensor(float("nan"))), ValueError, "num_items_in_batch"),
+    (dict(num_items_in_batch=torch.tensor([3.0, 4.0])), ValueError, "num_items_in_batch"),
+    (dict(num_items_in_batch=True), TypeError, "num_items_in_batch"),
+    (dict(ignore_index=2**70), ValueError, "ignore_index"),  # beyond int64: no OverflowError
+    (dict(ignore_index=None), TypeError, "ignore_index"),
+    (dict(ignore_index=-100.0), TypeError, "ignore_index"),
+])
+def test_number_arguments_out_of_range(fn, args, kw, exc, name):
+    with pytest.raises(exc, match=name):
+        call(fn, args, **kw)
+
+
+@pytest.mark.parametrize("fn", FNS)
+def test_numpy_scalars_are_numbers(fn, args):
+    """Data pipelines hand out numpy scalars: they are accepted like the Python numbers."""
+    np = pytest.importorskip("numpy")
+    base = call(fn, args, num_items_in_batch=7, variant="block", block_size=3)
+    got = call(fn, args, num_items_in_batch=np.int64(7), ignore_index=np.int64(-100), variant="block",
+               block_size=np.int32(3))
+    assert float(got) == float(base)
+    assert float(call(fn, args, num_items_in_batch=np.float32(7.0))) == float(call(fn, args, num_items_in_batch=7))

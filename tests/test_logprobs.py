@@ -55,3 +55,30 @@ def test_entropy_is_differentiable_against_materialised_autograd():
     torch.testing.assert_close(ent, h_ent.detach())
     for x, y in zip(leaves, ref):
         torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("use", ["logp", "entropy", "both"])
+def test_backward_reads_no_tensor_value(monkeypatch, use):
+    """Which outputs carry a gradient is known from autograd (an unused output arrives as
+    None), never by reading the upstream gradient's values: on a GPU `bool(t.any())` is a host
+    sync on every backward. Tensor.__bool__ raises during backward here; the gradients still
+    match a run without the patch."""
+    hidden, weight, labels, _, _ = make_problem((2, 7), 8, 40, torch.float64, seed=5)
+
+    def grads():
+        h = leaf(hidden)
+        lp, ent = fused_token_logprobs(h, weight, labels, return_entropy=True, chunk_size=4)
+        out = {"logp": lp.sum(), "entropy": ent.sum(), "both": lp.sum() + 0.5 * ent.sum()}[use]
+        return out, h
+
+    out, h = grads()
+    (want,) = torch.autograd.grad(out, [h])
+
+    def no_bool(self):
+        raise AssertionError("a tensor value was read in backward")
+
+    out, h = grads()
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_bool)
+    (got,) = torch.autograd.grad(out, [h])
+    monkeypatch.undo()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -1,4 +1,4 @@
-"""The native C++ row pass and scan (csrc/) against the oracle, like the Triton tests."""
+"""The native C++ row pass and scan (csrc/) against the direct-loop oracle (tests/oracle.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ from pear_kernels.kernels import native_cpu
 from pear_kernels.ops import dispatch
 
 from .conftest import leaf, make_problem
+from .oracle import oracle_loss
 
 pytestmark = pytest.mark.skipif(not native_cpu.available(), reason=str(native_cpu.unavailable_reason()))
 
 VARIANTS = ["token", "block", "sequence", "none"]
 WIDE = dict(delta_clip=(-1.0, 1.0))
+
+
+def oracle(hidden, weight, labels, behavior, bias=None, compute_dtype=None, **kw):
+    return oracle_loss(hidden, weight, labels, behavior, bias=bias, **kw)[0]
 
 
 def _run(fn, hidden, weight, labels, behavior, bias, up=None, **kw):
@@ -32,7 +37,7 @@ def test_native_matches_oracle(variant, reduction, dtype):
     up = torch.randn(labels.shape, dtype=dtype) if reduction == "none" else None
     kw = dict(variant=variant, block_size=3, reduction=reduction, temperature=0.8, **WIDE)
     got = _run(fused_pear_loss, hidden, weight, labels, behavior, bias, up, backend="native", chunk_size=5, **kw)
-    want = _run(reference_pear_loss, hidden, weight, labels, behavior, bias, up, compute_dtype=torch.float64, **kw)
+    want = _run(oracle, hidden, weight, labels, behavior, bias, up, **kw)
     tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=3e-5, atol=3e-6)
     torch.testing.assert_close(got[0].double(), want[0].double(), **tol)
     for a, b in zip(got[1], want[1]):
@@ -46,15 +51,15 @@ def test_native_scan_packed_rows_and_chunk_carry(variant):
     for chunk in (1, 4, 7, 100):
         got = fused_pear_loss(hidden, weight, labels, behavior, cu_seqlens=cu, variant=variant, block_size=4,
                               backend="native", chunk_size=chunk, return_stats=True, **WIDE)
-        want = reference_pear_loss(hidden, weight, labels, behavior, cu_seqlens=cu, variant=variant, block_size=4,
-                                   return_stats=True, **WIDE)
-        torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(got[1].log_weights, want[1].log_weights, rtol=1e-6, atol=1e-7)
+        want, weights = oracle_loss(hidden, weight, labels, behavior, cu_seqlens=cu, variant=variant, block_size=4,
+                                    **WIDE)
+        torch.testing.assert_close(got[0], want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got[1].weights.double(), weights, rtol=1e-6, atol=1e-7)
 
 
 def test_native_bf16_within_pytorch_error():
     args = make_problem((3, 21), 32, 1001, torch.bfloat16, seed=23)
-    truth = _run(reference_pear_loss, *args, compute_dtype=torch.float64, **WIDE)
+    truth = _run(oracle, *args, **WIDE)
     ours = _run(fused_pear_loss, *args, backend="native", chunk_size=8, **WIDE)
     same = _run(reference_pear_loss, *args, **WIDE)
 

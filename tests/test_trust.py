@@ -104,14 +104,20 @@ def test_token_logprobs_second_backward(backend):
     torch.testing.assert_close(h.grad, 2 * g)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_double_backward_raises(reduction):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["mean", "sum", "none", "token_logprobs"])
+def test_double_backward_raises(backend, op):
     hidden, weight, labels, behavior, cu = _packed(dtype=torch.float32)
     h = hidden.requires_grad_(True)
-    loss = fused_pear_loss(h, weight, labels, behavior, cu_seqlens=cu, reduction=reduction)
-    loss = loss.sum()
+    if op == "token_logprobs":
+        loss = fused_token_logprobs(h, weight, labels, backend=backend).sum()
+    else:
+        loss = fused_pear_loss(h, weight, labels, behavior, cu_seqlens=cu, reduction=op, backend=backend).sum()
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(loss, h, create_graph=True)
+    # a gradient penalty written the other way round (backward with create_graph) too
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        loss.backward(create_graph=True)
 
 
 class _CountingSink(torch_chunked._GradSink):
@@ -207,18 +213,42 @@ def test_poison_in_one_sequence_stays_there(backend, kind, chunk_size, variant):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_poison_in_one_row_of_a_batch(backend):
+@pytest.mark.parametrize("kind", ["nan_hidden", "inf_hidden", "huge_ratio"])
+@pytest.mark.parametrize("chunk_size", [None, 5, 7])
+@pytest.mark.parametrize("variant", ["token", "block", "sequence"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_poison_in_one_row_of_a_batch(backend, kind, chunk_size, variant, reduction):
+    """(B, T) rows are sequences: a NaN/inf hidden state or a 1e30 log-ratio in row 1 leaves
+    rows 0 and 2 (their losses and their hidden-state gradients) bit for bit as they were.
+    Both gradient paths: saved in forward ("sum") and recomputed in backward ("none")."""
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(3, 8, 6, generator=g)
     weight = torch.randn(11, 6, generator=g)
     labels = torch.randint(0, 11, (3, 8), generator=g)
+    labels[:, 0] = -100
     behavior = -torch.rand(3, 8, generator=g)
-    clean = fused_pear_loss(hidden, weight, labels, behavior, reduction="none", backend=backend, chunk_size=5)
-    hp = hidden.clone()
-    hp[1, 6] = float("nan")
-    bad = fused_pear_loss(hp, weight, labels, behavior, reduction="none", backend=backend, chunk_size=5)
+    kw = dict(variant=variant, block_size=3, backend=backend, chunk_size=chunk_size,
+              delta_clip=(-math.inf, math.inf))
+    hp, bp = hidden.clone(), behavior.clone()
+    if kind == "nan_hidden":
+        hp[1, 6] = float("nan")
+    elif kind == "inf_hidden":
+        hp[1, 6, 0] = float("inf")
+    else:
+        bp[1, 6] = -1e30
+
+    def run(h, b):
+        h = h.clone().requires_grad_(True)
+        per_token = fused_pear_loss(h, weight, labels, b, reduction="none", **kw)
+        h2 = h.detach().clone().requires_grad_(True)
+        loss = fused_pear_loss(h2, weight, labels, b, reduction=reduction, **kw)
+        (loss if reduction == "sum" else (loss * torch.linspace(0.5, 1.5, 24).view(3, 8)).sum()).backward()
+        return per_token.detach(), h2.grad
+
+    clean, g_clean = run(hidden, behavior)
+    bad, g_bad = run(hp, bp)
     torch.testing.assert_close(bad[[0, 2]], clean[[0, 2]], rtol=0, atol=0)
-    assert torch.isnan(bad[1]).any()
+    torch.testing.assert_close(g_bad[[0, 2]], g_clean[[0, 2]], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -141,3 +141,16 @@ def test_bad_arguments_are_named():
         pear_weights(torch.zeros(4), cu_seqlens=torch.tensor([0, 3]))
     with pytest.raises(TypeError, match="log_ratio"):
         pear_weights(torch.zeros(4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype, high", [(torch.float16, 12.0), (torch.float32, 89.0), (torch.float64, 710.0)])
+def test_pear_weights_refuse_a_clip_that_overflows_their_dtype(dtype, high):
+    """pear_weights returns exp(log-weight) in log_ratio's dtype: an upper log-weight clip whose
+    exp overflows it would hand back inf weights; pear_log_weights (float64 logs) still works."""
+    lr = torch.full((6,), 200.0, dtype=dtype)
+    kw = dict(variant="sequence", delta_clip=(-1.0, 1e3), log_weight_clip=(-10.0, high))
+    with pytest.raises(ValueError, match="log_weight_clip"):
+        pear_weights(lr, **kw)
+    assert torch.isfinite(pear_log_weights(lr, **kw)).all()
+    ok = dict(kw, log_weight_clip=(-10.0, high - 1.0))
+    assert torch.isfinite(pear_weights(lr, **ok)).all()

@@ -39,6 +39,10 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         ctx.need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         ctx.param_dtype = weight.dtype
         ctx.with_entropy = with_entropy
+        # an output nobody used reaches backward as None, not as a zero tensor: whether the
+        # entropy carries a gradient is then known without reading values (on a GPU,
+        # `(grad_entropy != 0).any()` would be a host sync on every backward)
+        ctx.set_materialize_grads(False)
         if with_entropy:
             return backend.token_logprobs(problem, with_entropy=True)
         return backend.token_logprobs(problem)
@@ -50,9 +54,14 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         hidden, weight, bias = ctx.saved_tensors
         if not any(ctx.need):
             return (None,) * 6
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 6
         problem = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
-        coef = -grad_logp.to(torch.float64)
-        if grad_entropy is not None and bool((grad_entropy != 0).any()):
+        if grad_logp is None:  # only the entropy was used
+            coef = torch.zeros(problem.layout.num_supervised, dtype=torch.float64, device=hidden.device)
+        else:
+            coef = -grad_logp.to(torch.float64)
+        if grad_entropy is not None:
             grads = torch_chunked.backward_with_entropy(problem, coef, grad_entropy.to(torch.float64), ctx.need)
         else:
             grads = ctx.backend.backward(problem, coef, ctx.need)
