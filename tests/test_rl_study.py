@@ -39,6 +39,12 @@ def test_bootstrap_interval_against_direct_loop():
     assert mean == pytest.approx(statistics.fmean(vals))
     assert lo == pytest.approx(means[50]) and hi == pytest.approx(means[1949])
     assert lo <= mean <= hi
+    # nearest-rank indices on a small run: level 0.8 of 10 resamples -> sorted means[1], means[8]
+    vals2 = [0.1, -0.0513, 0.2071, 0.0337, 0.0011]
+    rng = random.Random(0)
+    small = sorted(sum(vals2[rng.randrange(5)] for _ in range(5)) / 5 for _ in range(10))
+    assert len(set(small)) == 10  # distinct, so an off-by-one index is caught
+    assert bootstrap_mean_ci(vals2, level=0.8, resamples=10, seed=0)[1:] == (small[1], small[8])
     # exhaustive check for n=2: the resampled means are {a, (a+b)/2, b} with prob 1/4, 1/2, 1/4
     m, lo2, hi2 = bootstrap_mean_ci([0.0, 1.0], resamples=4000, seed=0)
     assert (lo2, hi2) == (0.0, 1.0)
