@@ -44,8 +44,9 @@ def bootstrap_mean_ci(values: Sequence[float], *, level: float = 0.95, resamples
     mean = sum(vals) / n
     rng = random.Random(seed)
     means = sorted(sum(vals[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    lo_i = max(0, min(resamples - 1, int((1.0 - level) / 2.0 * resamples)))
-    hi_i = max(0, min(resamples - 1, int((1.0 + level) / 2.0 * resamples) - 1))
+    # symmetric nearest-rank indices; the 1e-9 keeps e.g. 0.1 * 10 from flooring to 0
+    lo_i = min(resamples - 1, int((1.0 - level) / 2.0 * resamples + 1e-9))
+    hi_i = max(lo_i, resamples - 1 - lo_i)
     return mean, means[lo_i], means[hi_i]
 
 
