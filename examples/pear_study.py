@@ -379,7 +379,11 @@ def main(argv=None):
     text, _ = report(a.data, cfg.seeds)
     print(text)
     if a.docs:
-        print("wrote", plots(a.data, a.docs))
+        os.makedirs(a.docs, exist_ok=True)
+        md = os.path.join(a.docs, "study_table.md")
+        with open(md, "w") as f:
+            f.write(f"# SFT-then-RL study (issue 12), built from {a.data}\n{text}\n")
+        print("wrote", plots(a.data, a.docs) + [md])
 
 
 if __name__ == "__main__":
