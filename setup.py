@@ -9,14 +9,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
     long_description = f.read()
 
+# Floors: the versions the test suite ran against (transformers 5.23, trl 1.16, datasets 5.2):
+# older releases are not known to work (trl 0.19's SFTConfig has no loss_type, for one).
 extras = {
     # Hugging Face models, Trainer and TRL's SFTTrainer
-    "hf": ["transformers>=4.46", "trl>=0.19", "tokenizers>=0.20", "accelerate>=1.0", "datasets>=2.14",
+    "hf": ["transformers>=5.0", "trl>=1.0", "tokenizers>=0.20", "accelerate>=1.0", "datasets>=3.0",
            "pyarrow>=12"],
+    # the bundled SFT-then-RL loop and `make demo`: a tiny Qwen2 built from a config
+    "rl": ["transformers>=5.0", "tokenizers>=0.20"],
     # GPU kernels (and their CPU interpreter tests)
     "triton": ["triton>=3.1"],
     # benchmarks against the naive loss and the peers
-    "bench": ["pytest-benchmark>=4.0", "liger-kernel>=0.5", "matplotlib>=3.7"],
+    # (pytest-timeout: pytest.ini sets --timeout, so `pytest benchmarks` needs it too)
+    "bench": ["pytest-benchmark>=4.0", "liger-kernel>=0.5", "matplotlib>=3.7", "pytest>=8.0", "pytest-timeout>=2.2"],
     # optional extra task source for pear_kernels.rl (needs Python >= 3.11)
     "reasoning-gym": ["reasoning-gym>=0.1; python_version >= '3.11'"],
     "dev": ["pytest>=8.0", "hypothesis>=6.100", "ruff>=0.5", "pytest-timeout>=2.2", "peft>=0.13"],
@@ -39,6 +44,11 @@ def native_extension():
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
+        print(
+            "NOTE: pear_kernels' optional C++ row pass (csrc/) is not built: torch is not importable in "
+            "this build environment (pip's build isolation). The package works without it (the PyTorch "
+            "path); to build it: pip install torch, then pip install --no-build-isolation -e ."
+        )
         return [], {}
 
     class OptionalBuildExt(BuildExtension):
@@ -50,7 +60,7 @@ def native_extension():
 
     arch = os.environ.get("PEAR_KERNELS_NATIVE_ARCH", "native")
     ext = CppExtension(
-        "pear_kernels._native",
+        "pear_kernels.kernels._native",
         ["csrc/pear_rows.cpp"],
         # -fopenmp: at::parallel_for is a header template; without it the rows run on one thread
         extra_compile_args=["-O3", "-fopenmp", f"-march={arch}"],

@@ -1,6 +1,6 @@
 """Turning measured cases into the results the suite writes: JSON, a markdown table, a plot.
 
-Rows are the dicts of pear_kernels.profiling.measure_in_child (status "ok" or "unavailable"),
+Rows are the dicts of benchmarks.harness.measure_in_child (status "ok" or "unavailable"),
 plus a "group" naming the comparison they belong to. Ratios are taken within one shape
 (N, H, V, dtype, variant), between cases measured in the same run on the same inputs.
 """
@@ -29,6 +29,9 @@ LABELS = OrderedDict(
         ("torch_lce_matched", "torch linear_cross_entropy (our chunk rows) + PEAR weights"),
         ("liger", "Liger FLCE + PEAR weights"),
         ("cce_compile", "cut-cross-entropy torch_compile + PEAR weights"),
+        ("flash_attn_ce", "flash-attn Triton cross-entropy (materialised logits) + PEAR weights"),
+        ("distill_fused", "pear_kernels fused top-k distillation (K=8, bucket)"),
+        ("distill_naive", "naive top-k distillation (materialised logits)"),
     ]
 )
 

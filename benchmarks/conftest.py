@@ -6,7 +6,7 @@
     pytest benchmarks --bench-results DIR where the tables and the plot go
                                           (default benchmarks/results; --bench-no-write: none)
 
-Every case runs in its own child process (pear_kernels.profiling.measure_in_child). Rows are
+Every case runs in its own child process (benchmarks.harness.measure_in_child). Rows are
 merged into DIR/cpu.json by (shape, loss), so a later run of a few cases (e.g. -k large)
 updates those rows and keeps the rest; --bench-fresh starts from nothing.
 """

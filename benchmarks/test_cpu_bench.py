@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import pytest
 
-from pear_kernels.profiling import Case, measure_in_child, measure_interleaved
+from benchmarks.harness import Case, measure_in_child, measure_interleaved
 
 QWEN_V, LLAMA_V = 151936, 128256
 CHUNKED = ("fused", "floor", "torch_lce_matched")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pear_kernels.profiling import LOSSES, Case, crosscheck_in_child
+from benchmarks.harness import LOSSES, Case, crosscheck_in_child
 
 CASES = {
     "token-packed": Case(n=192, h=48, v=1000, seq_len=64, prompt_frac=0.25, variant="token", chunk_size=40),

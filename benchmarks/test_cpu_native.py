@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from pear_kernels.profiling import Case, measure_interleaved
+from benchmarks.harness import Case, measure_interleaved
 
 # default run: the ends of the range and the dispatch threshold; --large: the full sweep
 DEFAULT = [(2048, 64, 32000), (2048, 512, 32000), (2048, 64, 151936)]

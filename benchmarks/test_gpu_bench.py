@@ -85,7 +85,7 @@ SHAPES = {
         Shape("qwen7b-8k", 8192, 3584, 152064),  # compute-bound
     ],
 }
-IMPLS = ("triton", "triton_fused", "torch_chunked", "oracle", "liger", "torch_lce")
+IMPLS = ("triton", "triton_fused", "torch_chunked", "oracle", "liger", "torch_lce", "flash_attn_ce")
 # bytes of the materialised-logits oracle, roughly: bf16 logits, fp32 copy, log-softmax, grads
 ORACLE_BYTES_PER_LOGIT = 16
 ORACLE_MAX_BYTES = 40 * 2**30
@@ -105,12 +105,12 @@ def _peaks():
 
 def _roofline(shape: Shape, impl: str, rows: int) -> dict:
     h, v, n = shape.h, shape.v, shape.n
-    matmuls = 3 if impl in ("triton", "torch_chunked", "oracle") else 4
+    matmuls = 3 if impl in ("triton", "torch_chunked", "oracle", "flash_attn_ce") else 4
     flops = matmuls * 2 * h * v * n
     if impl == "triton_fused":
         block_m = 128
         per_token = 2 * (2 * v * h) / block_m + 4 * h * (v / 128) + 4 * h
-    elif impl == "oracle":
+    elif impl in ("oracle", "flash_attn_ce"):
         per_token = ORACLE_BYTES_PER_LOGIT * v + 3 * 2 * v * h / n + 4 * h
     else:
         per_token = 28 * v + 3 * 2 * v * h / rows + 2 * 4 * v * h / rows + 4 * h
@@ -178,6 +178,26 @@ def _loss_fn(impl: str, shape: Shape):
         def run(h, w, y, beh, cu):
             loss = torch.nn.functional.linear_cross_entropy(h, w, y, reduction="none", options=opts)
             return _weighted_none_loss(loss, y, beh, cu)
+        return run
+    if impl == "flash_attn_ce":
+        # flash-attn's Triton cross-entropy on materialised logits (loaded by file path: the
+        # package's __init__ needs its CUDA extension); skipped with the install line when absent
+        if ORACLE_BYTES_PER_LOGIT * shape.n * shape.v > ORACLE_MAX_BYTES:
+            pytest.skip("flash-attn's cross-entropy takes materialised logits: more than 40 GiB here")
+        from benchmarks.harness import (
+            PeerUnavailable,
+            flash_attn_cross_entropy,
+            load_flash_attn_cross_entropy,
+        )
+
+        try:
+            load_flash_attn_cross_entropy()
+        except PeerUnavailable as e:
+            pytest.skip(str(e))
+
+        def run(h, w, y, beh, cu):
+            losses, _ = flash_attn_cross_entropy((h @ w.t()).float(), y)
+            return _weighted_none_loss(losses, y, beh, cu)
         return run
     raise AssertionError(impl)
 

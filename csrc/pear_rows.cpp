@@ -142,7 +142,9 @@ at::Tensor dlogits_(at::Tensor e, at::Tensor sumexp, at::Tensor y, at::Tensor co
 //   d[i]    = clip(log_ratio[i], dlo, dhi)                            (written)
 //   incl[i] = d[i] + (incl[i+1] if i+1 is in the same sequence else 0)
 //             where incl[end] (a later chunk, already final) is the carry
-//   token:  logw[i] = n_after[i] * log_gamma + incl[i] - d[i]
+//   token:  logw[i] = n_after[i] * log_gamma + (incl[i+1] if i+1 is in the same sequence else 0)
+//           (read from the next token, never incl[i] - d[i]: with an unbounded delta clip an
+//           infinite d would give inf - inf = NaN)
 //   block:  logw[i] = the token value at block_end[i] (>= i, so already known in this loop)
 // Returns the unclipped log-weights of the range (float64). variant: 0 token, 1 block.
 // The sequence and none variants need no scan here (the Python side handles them).
@@ -175,7 +177,8 @@ at::Tensor pear_scan_chunk(at::Tensor log_ratio, at::Tensor d, at::Tensor incl, 
   }
   for (int64_t i = start; i < end; ++i) {
     const int64_t j = variant == 0 ? i : be[i];
-    op[i - start] = static_cast<double>(na[j]) * log_gamma + (ip[j] - dp[j]);
+    const double after = j + 1 < se[j] ? ip[j + 1] : 0.0;
+    op[i - start] = static_cast<double>(na[j]) * log_gamma + after;
   }
   return out;
 }

@@ -6,11 +6,17 @@ Runs on CPU in well under a minute, no downloads. `make demo` runs it.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
 from pear_kernels import PEARConfig, Variant, fused_pear_loss, fused_token_logprobs, reference_pear_loss
-from pear_kernels.profiling import Case, measure_in_child
+
+# The memory comparison uses the benchmark harness, which lives beside the package (benchmarks/),
+# not inside it: this example runs from a clone of the repository.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.harness import Case, make_inputs, measure_in_child  # noqa: E402
 
 
 def main() -> None:
@@ -25,8 +31,6 @@ def main() -> None:
     n, h, v, t = args.tokens, args.hidden, args.vocab, args.seq_len
     case = Case(n=n, h=h, v=v, seq_len=t, prompt_frac=0.25)
     print(f"PEAR demo: {n} tokens in sequences of {t} (first quarter of each is prompt), H={h}, V={v}\n")
-
-    from pear_kernels.profiling import make_inputs
 
     hidden, weight, labels, _, cu = make_inputs(case)
     # A behavior policy close to the model: its log-probs are the model's own plus noise, so

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .config import REDUCTIONS
+from .config import REDUCTIONS, PEARConfig
 
-__all__ = ["CheckedInputs", "check_inputs", "check_cu_seqlens"]
+__all__ = ["CheckedInputs", "check_inputs", "check_cu_seqlens", "check_num_items", "check_weight_clip"]
 
 # Behavior log-probs a hair above 0 come from float rounding in the sampler (log of a
 # probability that rounded to 1); anything larger is a bug in the data, not rounding.
@@ -54,6 +55,38 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int, device: torch.devi
         )
 
 
+def check_num_items(num_items_in_batch) -> float:
+    """num_items_in_batch as a positive finite float (a number or a one-element tensor)."""
+    n = num_items_in_batch
+    if torch.is_tensor(n):
+        if n.numel() != 1:
+            raise ValueError(
+                f"num_items_in_batch must be a number or a one-element tensor, got a tensor of shape {tuple(n.shape)}"
+            )
+        if n.dtype == torch.bool or n.is_complex():
+            raise TypeError(f"num_items_in_batch must be a real number, got dtype {n.dtype}")
+        n = n.item()
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        raise TypeError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+    if not (n > 0 and math.isfinite(n)):
+        raise ValueError(f"num_items_in_batch must be a positive finite number, got {num_items_in_batch!r}")
+    return float(n)
+
+
+def check_weight_clip(config: PEARConfig, dtype: torch.dtype) -> None:
+    """The largest weight exp(log_weight_clip[1]) times a log-prob must stay finite in the
+    loss dtype (fp32, fp64 for fp64 inputs): an upper bound of, say, 100 would let one token's
+    loss overflow to inf."""
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    limit = math.log(torch.finfo(loss_dtype).max) - math.log(1e6)  # room for -log p up to 1e6
+    high = config.log_weight_clip[1]
+    if high > limit:
+        raise ValueError(
+            f"log_weight_clip upper bound {high} is too large: exp({high}) overflows {loss_dtype} "
+            f"losses (at most {limit:.1f} for {loss_dtype})"
+        )
+
+
 def _check_float(name: str, t) -> None:
     if not torch.is_tensor(t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -74,11 +107,15 @@ def check_inputs(
     num_items_in_batch,
     ignore_index: int,
     vocab_size: Optional[int] = None,
+    check_values: bool = True,
 ) -> CheckedInputs:
     """Validate and flatten the inputs of fused_pear_loss / reference_pear_loss.
 
     ``vocab_size``: the global vocabulary that labels index when lm_head_weight is one shard of
     it (vocabulary parallelism); by default lm_head_weight's row count.
+    ``check_values=False`` skips the two checks that read tensor values (label range, behavior
+    log-probs NaN / > 0): on a GPU each is a host synchronisation. Shapes, dtypes and devices
+    are always checked.
     """
     _check_float("hidden", hidden)
     _check_float("lm_head_weight", weight)
@@ -128,6 +165,16 @@ def check_inputs(
         raise TypeError(f"temperature must be a positive number, got {temperature!r}")
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    # logits are divided by the temperature in the working dtype (fp32, fp64 for fp64 inputs):
+    # a temperature whose reciprocal overflows it turns every logit into inf and the loss NaN
+    work_max = torch.finfo(torch.float64 if hidden.dtype == torch.float64 else torch.float32).max
+    if 1.0 / temperature > work_max / 1e4:
+        raise ValueError(
+            f"temperature {temperature!r} is too small: logits / temperature would overflow "
+            f"{'float64' if hidden.dtype == torch.float64 else 'float32'}"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int (e.g. -100), got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if num_items_in_batch is not None:
@@ -135,9 +182,7 @@ def check_inputs(
             raise ValueError(
                 f"num_items_in_batch only applies to reduction='mean', got reduction={reduction!r}"
             )
-        n = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or not n > 0:
-            raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+        check_num_items(num_items_in_batch)
 
     row_length = None
     if hidden.dim() == 3:
@@ -150,7 +195,7 @@ def check_inputs(
 
     flat_labels = labels.reshape(-1).to(torch.int64)
     mask = flat_labels != ignore_index
-    sup_labels = flat_labels[mask]
+    sup_labels = flat_labels[mask] if check_values else flat_labels[:0]
     if sup_labels.numel():
         n_vocab = V if vocab_size is None else vocab_size
         bad = (sup_labels < 0) | (sup_labels >= n_vocab)
@@ -161,7 +206,7 @@ def check_inputs(
                 f"labels.view(-1)[{pos}] = {int(flat_labels[pos])}"
             )
     flat_lb = behavior_logprobs.reshape(-1)
-    sup_lb = flat_lb[mask]
+    sup_lb = flat_lb[mask] if check_values else flat_lb[:0]
     if sup_lb.numel():
         bad = torch.isnan(sup_lb) | (sup_lb > BEHAVIOR_LOGPROB_TOLERANCE)
         if bool(bad.any()):

@@ -1,6 +1,6 @@
 """PEARConfig: the knobs of the PEAR importance weight, validated once, in one place.
 
-Defaults follow ../shared/PEAR_SPEC.md: token variant, gamma 0.999, block size 4,
+Defaults follow docs/pear_math.md (the paper's recommended settings): token variant, gamma 0.999, block size 4,
 per-decision log-ratio clip [-0.08, 0.3], log-weight clip [-10, 5].
 """
 
@@ -14,6 +14,8 @@ from typing import Any, Tuple
 __all__ = ["PEARConfig", "Variant", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none")
+# Positions and block ends are int64; (rank // B + 1) * B must not overflow for any rank.
+MAX_BLOCK_SIZE = 2**62
 
 
 class Variant(str, enum.Enum):
@@ -52,7 +54,7 @@ def _as_pair(name: str, value: Any) -> Tuple[float, float]:
 
 @dataclass(frozen=True)
 class PEARConfig:
-    """Parameters of the PEAR weight (see PEAR_SPEC.md).
+    """Parameters of the PEAR weight (see docs/pear_math.md).
 
     Attributes:
         variant: "token" (default), "block", "sequence" or "none".
@@ -80,6 +82,11 @@ class PEARConfig:
             raise TypeError(f"block_size must be an int >= 1, got {self.block_size!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.block_size > MAX_BLOCK_SIZE:
+            # token positions are int64: a larger block is one block per sequence anyway
+            raise ValueError(
+                f"block_size must be <= {MAX_BLOCK_SIZE} (int64 positions), got {self.block_size}"
+            )
         object.__setattr__(self, "delta_clip", _as_pair("delta_clip", self.delta_clip))
         object.__setattr__(self, "log_weight_clip", _as_pair("log_weight_clip", self.log_weight_clip))
 
@@ -95,6 +102,21 @@ class PEARConfig:
             raise TypeError(f"unknown PEARConfig field(s): {sorted(unknown)}")
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(self, **given) if given else self
+
+    @classmethod
+    def coerce(cls, config: Any) -> "PEARConfig":
+        """``config`` as a PEARConfig: None gives the defaults, a mapping its fields."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, dict):
+            names = {f.name for f in fields(cls)}
+            unknown = set(config) - names
+            if unknown:
+                raise TypeError(f"config has unknown PEARConfig field(s): {sorted(unknown)}")
+            return cls(**config)
+        raise TypeError(f"config must be a PEARConfig, a dict of its fields or None, got {type(config).__name__}")
 
     def to_dict(self) -> dict:
         return {

@@ -30,13 +30,16 @@ def fused_token_logprobs(
 
     Shapes as in fused_pear_loss. Returns a float32 tensor of labels' shape (float64 for
     float64 inputs) holding 0 where labels == ignore_index; with ``return_entropy`` also the
-    per-token entropy (detached), 0 where masked.
+    per-token entropy, 0 where masked; both are differentiable (an entropy bonus gets its
+    gradient, dH/dz = -p (z - E_p z)).
 
     ``vocab_parallel_group``: lm_head_weight/bias are this rank's vocabulary shard, as in
     fused_pear_loss (same contract: identical inputs on every rank, full hidden gradient).
     """
+    if not torch.is_tensor(labels):
+        raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
     # behavior log-probs play no part here: zeros pass every check on them
-    dummy_behavior = torch.zeros(labels.shape, device=labels.device) if torch.is_tensor(labels) else labels
+    dummy_behavior = torch.zeros(labels.shape, device=labels.device)
     prep = prepare_problem(
         hidden, lm_head_weight, labels, dummy_behavior,
         config=PEARConfig(variant=Variant.NONE, block_size=1), bias=bias, cu_seqlens=None,

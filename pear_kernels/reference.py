@@ -11,8 +11,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .checks import check_inputs
+from .checks import check_inputs, check_weight_clip
 from .config import PEARConfig
+from .problem_inputs import loss_options
 from .stats import PEARStats, summarize
 from .weights import build_layout, compute_log_weights
 
@@ -58,20 +59,25 @@ def reference_pear_loss(
     ignore_index: int = -100,
     return_stats: bool = False,
     compute_dtype: Optional[torch.dtype] = None,
+    softcap: Optional[float] = None,
+    lse_square_scale: float = 0.0,
+    label_smoothing: float = 0.0,
     **overrides,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, PEARStats]]:
     """PEAR loss with materialised logits; same arguments as ``fused_pear_loss``.
 
+    ``softcap``, ``lse_square_scale``, ``label_smoothing``: as in fused_pear_loss.
     ``compute_dtype`` (e.g. torch.float64) casts hidden, weight and bias before the matmul, so
     the whole computation runs in that precision; by default half-precision logits are upcast
     to float32 for the softmax, as Hugging Face models do.
     """
-    config = (config or PEARConfig()).with_overrides(**overrides)
+    config = PEARConfig.coerce(config).with_overrides(**overrides)
     chk = check_inputs(
         hidden, lm_head_weight, labels, behavior_logprobs,
         bias=bias, cu_seqlens=cu_seqlens, temperature=temperature, reduction=reduction,
         num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
     )
+    check_weight_clip(config, chk.hidden.dtype)
     h, w, b = chk.hidden, lm_head_weight, bias
     if compute_dtype is not None:
         h, w = h.to(compute_dtype), w.to(compute_dtype)
@@ -81,6 +87,9 @@ def reference_pear_loss(
         logits = logits + b
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
+    options = loss_options(softcap, lse_square_scale, label_smoothing)
+    if options.softcap is not None:
+        logits = options.softcap * torch.tanh(logits / options.softcap)
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -90,9 +99,15 @@ def reference_pear_loss(
     )
     idx = layout.sup_index
     logp = logprobs[idx, chk.labels[idx]]
-    log_ratio = logp.detach().to(torch.float64) - chk.behavior_logprobs[idx].to(torch.float64)
+    # both sides detached: the weight is a constant, no gradient reaches behavior_logprobs
+    log_ratio = logp.detach().to(torch.float64) - chk.behavior_logprobs[idx].detach().to(torch.float64)
     log_w, log_w_raw = compute_log_weights(log_ratio, layout, config)
-    token_loss = -(log_w.exp().to(logp.dtype) * logp)
+    ce = -logp
+    if options.label_smoothing:
+        ce = (1.0 - options.label_smoothing) * ce - options.label_smoothing * logprobs[idx].mean(dim=-1)
+    token_loss = log_w.exp().to(logp.dtype) * ce
+    if options.lse_square_scale:
+        token_loss = token_loss + options.lse_square_scale * torch.logsumexp(logits[idx], dim=-1) ** 2
     loss = reduce_token_losses(
         token_loss, idx, layout.n_tokens, chk.input_shape, reduction, num_items_in_batch
     )

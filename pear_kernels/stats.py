@@ -1,4 +1,4 @@
-"""PEARStats: what a trainer should log about the weights (see PEAR_SPEC.md, pitfalls)."""
+"""PEARStats: what a trainer should log about the weights (see docs/pear_math.md, "Things to watch")."""
 
 from __future__ import annotations
 
@@ -41,10 +41,14 @@ class PEARStats:
     ratio_clip_fraction: torch.Tensor
     weight_clip_fraction: torch.Tensor
     num_tokens: int
+    variant: str = "token"  # the config's variant; "none" has no ratios or weights to clip
 
     def scalars(self, prefix: str = "pear/") -> Dict[str, float]:
-        """Scalar summaries as plain floats, ready for a logger."""
-        return {
+        """Scalar summaries as plain floats, ready for a logger.
+
+        Plain SFT (variant "none") has weight 1 everywhere and uses no ratio: its clip
+        fractions would be numbers about nothing, so they are left out."""
+        out = {
             f"{prefix}mean_weight": float(self.mean_weight),
             f"{prefix}ess": float(self.ess),
             f"{prefix}ess_fraction": float(self.ess_fraction),
@@ -52,6 +56,9 @@ class PEARStats:
             f"{prefix}weight_clip_fraction": float(self.weight_clip_fraction),
             f"{prefix}num_tokens": float(self.num_tokens),
         }
+        if self.variant == "none":
+            del out[f"{prefix}ratio_clip_fraction"], out[f"{prefix}weight_clip_fraction"]
+        return out
 
 
 def _scatter_full(values: torch.Tensor, layout: SequenceLayout, shape) -> torch.Tensor:
@@ -73,7 +80,16 @@ def summarize(
     m = layout.num_supervised
     device = logp.device
     w = log_w.exp()
-    if m:
+    if m and config.variant.value == "none":
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        ratio_clipped = weight_clipped = zero  # nothing is clipped in plain SFT
+        ess = torch.full((), float(m), dtype=torch.float64, device=device)
+        s = max(layout.num_sequences, 1)
+        ess_seq = torch.zeros(s, dtype=torch.float64, device=device).index_add_(
+            0, layout.seq_id, torch.ones(m, dtype=torch.float64, device=device)
+        )[: layout.num_sequences]
+        mean_w = w.mean()
+    elif m:
         dlo, dhi = config.delta_clip
         wlo, whi = config.log_weight_clip
         lr = log_ratio.to(torch.float64)
@@ -101,4 +117,5 @@ def summarize(
         ratio_clip_fraction=ratio_clipped.float(),
         weight_clip_fraction=weight_clipped.float(),
         num_tokens=m,
+        variant=config.variant.value,
     )

@@ -6,7 +6,7 @@ For supervised token i (compact index) of a sequence with T supervised tokens:
 
     d_i          = clip(logp_theta_i - logp_beta_i, delta_min, delta_max)       (float64)
     incl_i       = sum_{j >= i, same sequence} d_j        (inclusive suffix sum)
-    token:    log G_i = n_after_i * log(gamma) + incl_i - d_i                  (n_after_i = T - t)
+    token:    log G_i = n_after_i * log(gamma) + incl_{i+1}  (0 at the last)     (n_after_i = T - t)
     block:    log G_i = log G^token at e_k, the last token of i's block
                       = (T - e_k) log(gamma) + sum_{m > k} rho_m   (spec's formula, rewritten)
     sequence: log G_i = incl at the sequence's first supervised token
@@ -144,22 +144,45 @@ def fill_suffix_sums(
     ``d`` and ``incl`` are float64 buffers of length M. Entries at or after ``end`` must already
     hold their final values (chunks are visited from the back), which is how a sequence that
     spans several chunks carries its suffix sum.
+
+    The scan is segment-wise: a value is only ever *added* to values of its own sequence,
+    never subtracted from a running total over the chunk, so a NaN, an inf or a 1e30 in one
+    sequence cannot reach (or round away) another's sums. It is a log-step (Hillis-Steele)
+    segmented scan: after the step with stride k every entry holds the sum of up to 2k values
+    of its own sequence starting at it; ceil(log2(chunk)) vectorised steps in all.
     """
     if end <= start:
         return
-    d_c = d[start:end]
-    # local[k] = sum_{j = start+k .. end-1} d_j, with a trailing 0 for "nothing after the chunk"
-    local = torch.zeros(end - start + 1, dtype=d.dtype, device=d.device)
-    local[:-1] = torch.flip(torch.cumsum(torch.flip(d_c, (0,)), 0), (0,))
-    seq_end = layout.seq_end[start:end]
-    inside = seq_end <= end
-    # sequence ends inside the chunk: subtract what lies beyond its end
-    cut = (seq_end.clamp(max=end) - start)
-    suffix = local[:-1] - local[cut]
+    n = end - start
+    acc = d[start:end].clone()
+    # last compact index (exclusive) of each token's sequence inside the chunk
+    seq_end = layout.seq_end[start:end].clamp(max=end) - start
+    pos = torch.arange(n, device=d.device)
+    stride = 1
+    while stride < n:
+        src = pos + stride
+        ok = src < seq_end
+        shifted = acc[src.clamp(max=n - 1)]
+        # where, not multiply: an unselected NaN/inf of another sequence is never touched
+        acc = torch.where(ok, acc + shifted, acc)
+        stride *= 2
     if end < incl.numel():
         # sequence continues past the chunk: add the carry stored at the first later token
-        suffix = torch.where(inside, suffix, local[:-1] + incl[end])
-    incl[start:end] = suffix
+        continues = layout.seq_end[start:end] > end
+        acc = torch.where(continues, acc + incl[end], acc)
+    incl[start:end] = acc
+
+
+def _suffix_after(d: torch.Tensor, incl: torch.Tensor, layout: SequenceLayout, idx: torch.Tensor) -> torch.Tensor:
+    """Sum of d strictly after each token ``idx`` in its sequence (0 for a sequence's last token).
+
+    Read from the next token's inclusive sum, never as incl - d, so that an infinite d (an
+    unbounded delta clip) gives the spec's value instead of inf - inf = NaN.
+    """
+    nxt = idx + 1
+    has_next = nxt < layout.seq_end[idx]
+    vals = incl[nxt.clamp(max=max(incl.numel() - 1, 0))]
+    return torch.where(has_next, vals, torch.zeros_like(vals))
 
 
 def log_weights_for_range(
@@ -180,11 +203,11 @@ def log_weights_for_range(
         return torch.zeros(end - start, dtype=torch.float64, device=d.device)
     log_gamma = config.log_gamma
     if variant is Variant.TOKEN:
-        idx = slice(start, end)
-        return layout.n_after[idx].to(torch.float64) * log_gamma + (incl[idx] - d[idx])
+        idx = torch.arange(start, end, device=d.device)
+        return layout.n_after[idx].to(torch.float64) * log_gamma + _suffix_after(d, incl, layout, idx)
     if variant is Variant.BLOCK:
         be = layout.block_end[start:end]
-        return layout.n_after[be].to(torch.float64) * log_gamma + (incl[be] - d[be])
+        return layout.n_after[be].to(torch.float64) * log_gamma + _suffix_after(d, incl, layout, be)
     if variant is Variant.SEQUENCE:
         return incl[layout.seq_start[start:end]].clone()
     raise AssertionError(f"unhandled variant {variant}")

@@ -134,16 +134,41 @@ def _vp_task(rank: int, world: int, group, sizes: List[int], group_rank: int) ->
     errors = {}
     from pear_kernels import fused_pear_loss
 
-    for key, kwargs in {
+    r = group_rank
+    hid, beh, labels = c["hidden"], c["behavior"], c["labels"]
+    sup = (labels >= 0).nonzero()
+    first = tuple(sup[0].tolist())
+
+    def with_(t, idx, value):
+        t = t.clone()
+        t[idx] = value
+        return t
+
+    # each scenario: the arguments of fused_pear_loss on this rank (only rank 1 differs)
+    scenarios = {
         "backend": dict(backend="triton"),
-        "label_out_of_range": dict(labels=torch.where(c["labels"] >= 0, VOCAB, -100)),
+        "label_out_of_range": dict(labels=torch.where(labels >= 0, VOCAB, -100)),
         "chunk_mismatch": dict(chunk_size=3 + group_rank),
-    }.items():
-        args = dict(labels=c["labels"])
+        "nan_behavior_one_rank": dict(behavior=with_(beh, first, float("nan")) if r == 1 else beh),
+        "bad_label_one_rank": dict(labels=with_(labels, first, 10**6) if r == 1 else labels),
+        "supervised_count": dict(labels=with_(labels, first, -100) if r == 1 else labels),
+        "labels_differ": dict(labels=with_(labels, first, (int(labels[first]) + 1) % VOCAB) if r == 1 else labels),
+        "variant": dict(variant="token" if r == 1 else "block"),
+        "reduction": dict(reduction="sum" if r == 1 else "mean"),
+        "dtype": dict(hidden=hid.float() if r == 1 else hid, weight=w.float() if r == 1 else w),
+        "hidden_size": dict(hidden=hid[..., :-1] if r == 1 else hid, weight=w[:, :-1] if r == 1 else w),
+        "behavior_differs": dict(behavior=beh - 0.5 * r),
+        "hidden_differs": dict(hidden=hid + 0.01 * r),
+        "num_items": dict(num_items_in_batch=10.0 + r),
+    }
+    for key, kwargs in scenarios.items():
+        args = dict(hidden=hid, weight=w, labels=labels, behavior=beh)
         args.update(kwargs)
-        labels = args.pop("labels")
+        h_, w_, y_, b_ = (args.pop(k) for k in ("hidden", "weight", "labels", "behavior"))
+        if "variant" not in args:
+            args["variant"] = "block"
         try:
-            fused_pear_loss(c["hidden"], w, labels, c["behavior"], vocab_parallel_group=group, **args)
+            fused_pear_loss(h_, w_, y_, b_, vocab_parallel_group=group, **args)
             errors[key] = None
         except (ValueError, TypeError) as err:
             errors[key] = f"{type(err).__name__}: {err}"

@@ -147,7 +147,24 @@ def test_vocab_parallel_errors_on_every_rank(run, request):
         assert err["backend"] is not None and err["backend"].startswith("ValueError") and "backend" in err["backend"]
         # validated against the global vocabulary, not the shard
         assert err["label_out_of_range"] is not None and f"[0, {W.VOCAB})" in err["label_out_of_range"]
-        assert err["chunk_mismatch"] is not None and "chunk_size must be the same" in err["chunk_mismatch"]
+        assert err["chunk_mismatch"] is not None and "chunk_size differs" in err["chunk_mismatch"]
+        # issue: a problem on one rank, or ranks that disagree, raise the same error on
+        # every rank (never a hang, an abort or a silently wrong loss)
+        expected = {
+            "nan_behavior_one_rank": "invalid inputs on rank(s) [1]",
+            "bad_label_one_rank": "labels checksum differs",
+            "supervised_count": "supervised token count differs",
+            "labels_differ": "labels checksum differs",
+            "variant": "variant differs",
+            "reduction": "reduction differs",
+            "dtype": "dtype differs",
+            "hidden_size": "hidden size H differs",
+            "behavior_differs": "behavior_logprobs checksum differs",
+            "hidden_differs": "hidden checksum differs",
+            "num_items": "num_items_in_batch differs",
+        }
+        for key, text in expected.items():
+            assert err[key] is not None and err[key].startswith("ValueError") and text in err[key], (key, err[key])
 
 
 @pytest.mark.parametrize("run,world", [("two_ranks", 2), ("four_ranks", 4)])

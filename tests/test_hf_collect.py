@@ -32,7 +32,9 @@ def setup(tmp_path_factory):
 
 
 def _opts(**kw):
-    return {"tokenizer": hf_utils.tokenizer(), "shard_size": 2, "max_tokens_per_batch": 64, "progress": False, **kw}
+    # JSONL shards here: several tests edit shard files as text (Parquet shards: test_collect_parquet)
+    return {"tokenizer": hf_utils.tokenizer(), "shard_size": 2, "max_tokens_per_batch": 64, "progress": False,
+            "shard_format": "jsonl", **kw}
 
 
 def test_round_trip_matches_full_logits(setup, tmp_path):
@@ -47,7 +49,8 @@ def test_round_trip_matches_full_logits(setup, tmp_path):
     for rec, row in zip(recs, rows):
         assert row["id"] == rec["id"] and row["prompt"] == rec["prompt"]
         assert row["prompt_ids"] == tok(rec["prompt"])["input_ids"]
-        assert row["behavior_token_ids"] == tok(rec["response"], add_special_tokens=False)["input_ids"]
+        # EOS is appended by default (as TRL does), so the student learns to stop
+        assert row["behavior_token_ids"] == tok(rec["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ref = hf_utils.reference_response_logprobs(teacher, row["prompt_ids"], row["response_ids"])
         assert row["behavior_logprobs"] == pytest.approx(ref, abs=2e-5)
     # the directory loads straight into training examples, aligned
@@ -110,7 +113,7 @@ def test_refuses_to_mix_collections(setup, tmp_path):
     other = hf_utils.write_jsonl(tmp_path / "other.jsonl", recs[:3])
     with pytest.raises(ValueError, match="different inputs"):
         collect_behavior_logprobs(model_dir, other, str(out), **_opts())
-    with pytest.raises(ValueError, match="different inputs"):
+    with pytest.raises(ValueError, match="different temperature"):
         collect_behavior_logprobs(model_dir, data, str(out), **_opts(temperature=0.7))
     res = collect_behavior_logprobs(model_dir, other, str(out), **_opts(overwrite=True))
     assert res.complete and len(read_collected(str(out))) == 3
@@ -123,14 +126,15 @@ def test_cli_collect_and_merge(setup, tmp_path, capsys):
     out, merged = tmp_path / "out", tmp_path / "merged.jsonl"
     tok_dir = hf_utils.save_tokenizer_dir(tmp_path / "tok")
     rc = main(["collect", "--model", model_dir, "--tokenizer", tok_dir, "--data", data, "--output", str(out),
-               "--shard-size", "3",
+               "--shard-size", "3", "--shard-format", "jsonl",
                "--no-progress", "--merge-to", str(merged), "--device", "cpu"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["complete"] is True
     rows = [json.loads(line) for line in merged.read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(7))
+    # a missing model directory is a file system error (exit code 4, see --help)
     assert main(["collect", "--model", str(tmp_path / "nope"), "--tokenizer", tok_dir, "--data", data,
-                 "--output", str(out)]) == 1
+                 "--output", str(out)]) == 4
 
 
 def test_ingest_vllm_style_logprobs(tmp_path):

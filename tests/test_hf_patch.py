@@ -183,9 +183,37 @@ def test_class_shortcuts_patch_and_remove():
 
 def test_refuses_logit_transforms():
     m = hf_utils.model()
-    m.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    m.config.logit_scale = 0.5
+    with pytest.raises(ValueError, match="logit_scale"):
         apply_pear_kernel(m)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_softcapped_logits_match_the_model(arch):
+    """Gemma 2/3 soft-cap their logits (final_logit_softcapping): the patched loss passes the
+    cap to the kernel; plain SFT then equals the model's own loss, values and gradients."""
+    if arch == "gemma3":
+        pytest.importorskip("transformers.models.gemma3")
+    m = hf_utils.model(arch, seed=0).train()
+    with torch.no_grad():  # logits of magnitude ~5, so that a cap of 2 changes them
+        m.get_output_embeddings().weight.mul_(30.0)
+    ref = copy.deepcopy(m)
+    apply_pear_kernel(m, PEARConfig(variant="none"))
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 40, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    out = m(input_ids=ids, labels=labels)
+    want = ref(input_ids=ids, labels=labels)
+    out.loss.backward()
+    want.loss.backward()
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+    for (name, p1), p2 in zip(m.named_parameters(), ref.parameters()):
+        if p1.grad is not None:
+            torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # the cap matters at this scale: without it the loss would differ
+    ref.config.final_logit_softcapping = None
+    assert abs(float(ref(input_ids=ids, labels=labels).loss) - float(want.loss)) > 1e-3
 
 
 # --- the head is read through its module ---------------------------------------------------

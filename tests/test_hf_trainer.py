@@ -129,3 +129,24 @@ def test_trl_refuses_settings_that_misalign_or_replace_the_loss(tmp_path):
     with pytest.raises(ValueError, match="needs \\['input_ids', 'labels', 'behavior_logprobs'\\]"):
         PEARSFTTrainer(model=hf_utils.model(), args=pear_sft_config(str(tmp_path), use_cpu=True),
                        train_dataset=ds.remove_columns("behavior_logprobs"), processing_class=tok)
+
+
+def test_trl_accepts_a_pear_dataset_and_completion_only_flags(tmp_path):
+    """load_pear_dataset's PEARDataset goes straight into PEARSFTTrainer (TRL wants a
+    datasets.Dataset); completion_only_loss holds by construction (prompt labels are -100), so
+    the flag changes nothing."""
+    from pear_kernels.transformers import PEARSFTTrainer, pear_sft_config
+
+    losses = []
+    for completion_only in (None, True):
+        model = hf_utils.model(seed=1)
+        args = pear_sft_config(str(tmp_path / str(completion_only)), per_device_train_batch_size=4, max_steps=2,
+                               learning_rate=1e-2, logging_steps=1, save_strategy="no", use_cpu=True, bf16=False,
+                               disable_tqdm=True, seed=0, completion_only_loss=completion_only)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = PEARSFTTrainer(model=model, args=args, train_dataset=_dataset(8),
+                                     processing_class=hf_utils.tokenizer(), pear_config=_CFG)
+            trainer.train()
+        losses.append(_losses(trainer))
+    assert losses[0] == pytest.approx(losses[1])

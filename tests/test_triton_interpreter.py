@@ -370,3 +370,156 @@ def test_triton_imported_before_the_interpreter_is_a_clear_error(tp, monkeypatch
     monkeypatch.setattr(triton.language, "zeros", object())  # what a compiled-mode import leaves
     with pytest.raises(RuntimeError, match="before triton is first imported"):
         dispatch.select_backend(torch.device("cpu"), "triton")
+
+
+# ---------------------------------------------------------------- trust: oracle, isolation
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["chunked", "fused"])
+@pytest.mark.parametrize("variant", ["token", "block", "sequence"])
+def test_matches_direct_loop_oracle(tp, monkeypatch, variant, fused):
+    """Against tests/oracle.py (direct loops, no code shared with pear_kernels)."""
+    from .oracle import oracle_loss
+
+    monkeypatch.setenv("PEAR_KERNELS_TRITON_FUSED", "1" if fused else "0")
+    hid, w, b, y, beh = _problem(21, torch.float32, n=19, h=16, v=40)
+    cu = torch.tensor([0, 7, 19])
+    kw = dict(variant=variant, block_size=3, cu_seqlens=cu)
+    loss, grads = _run(fused_pear_loss, hid, w, b, y, beh, chunk_size=4, backend="triton", **kw)
+    ref, ref_grads = _run(lambda *a, **k: oracle_loss(*a, **k)[0], hid, w, b, y, beh, **kw)
+    _close(loss, ref, 2e-5, "loss")
+    for name, gt, gr in zip(("dh", "dW", "db"), grads, ref_grads):
+        _close(gt, gr, 2e-5, name)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["chunked", "fused"])
+@pytest.mark.parametrize("kind", ["nan_hidden", "huge_ratio", "inf_ratio"])
+def test_poison_in_one_sequence_stays_there(tp, monkeypatch, kind, fused):
+    """A NaN hidden state, a 1e30 or an infinite log-ratio in sequence 1 (unbounded delta
+    clip) leaves sequences 0 and 2 bit-identical, chunk boundaries inside sequences."""
+    monkeypatch.setenv("PEAR_KERNELS_TRITON_FUSED", "1" if fused else "0")
+    hid, w, b, y, beh = _problem(22, torch.float32, n=18, h=16, v=40, masked=(0,))
+    cu = torch.tensor([0, 6, 12, 18])
+    kw = dict(variant="token", cu_seqlens=cu, reduction="none", chunk_size=4, backend="triton",
+              delta_clip=(-float("inf"), float("inf")), bias=b)
+    clean = fused_pear_loss(hid, w, y, beh, **kw)
+    hp, bp = hid.clone(), beh.clone()
+    if kind == "nan_hidden":
+        hp[8] = float("nan")
+    elif kind == "huge_ratio":
+        bp[8] = -1e30
+    else:
+        bp[8] = -float("inf")
+    bad = fused_pear_loss(hp, w, y, bp, **kw)
+    others = torch.cat([torch.arange(0, 6), torch.arange(12, 18)])
+    torch.testing.assert_close(bad[others], clean[others], rtol=0, atol=0)
+    if kind != "nan_hidden":
+        assert torch.isfinite(bad).all()
+
+
+# ---------------------------------------------------------------- the GPU path as it will run
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_minus_inf_bias_masks_padded_vocabulary(interpreter, splits):
+    """A -inf bias on the last third of the vocabulary (padding): forced vocabulary splits make
+    one split entirely -inf; log-probs and entropies stay finite and right, row kernels too."""
+    fused = interpreter["pear_kernels.kernels.triton_fused"]
+    rows_mod = interpreter["pear_kernels.kernels.triton_rows"]
+    g = torch.Generator().manual_seed(31)
+    n, h, v = 20, 16, 96
+    hid = torch.randn(n, h, generator=g)
+    w = torch.randn(v, h, generator=g) * 0.5
+    b = torch.zeros(v)
+    b[64:] = float("-inf")
+    y = torch.randint(0, 64, (n,), generator=g)
+    z = (hid.double() @ w.double().t() + b.double())
+    logp_ref = torch.log_softmax(z, -1)
+    want_lp = logp_ref.gather(1, y[:, None]).squeeze(1)
+    p = logp_ref.exp()
+    want_ent = -(torch.where(p > 0, p * logp_ref, torch.zeros_like(p))).sum(-1)
+    lp, _, ent = fused.fused_lse_forward(hid, w, b, torch.arange(n), y, 1.0, True, v_splits=splits)
+    _close(lp, want_lp, 1e-5, "fused logp")
+    _close(ent, want_ent, 1e-5, "fused entropy")
+    logits = (hid @ w.t() + b).contiguous()
+    lp2, _, ent2 = rows_mod.row_stats(logits, y, 1.0, with_entropy=True)
+    _close(lp2, want_lp, 1e-5, "row logp")
+    _close(ent2, want_ent, 1e-5, "row entropy")
+    # and the chunked torch path's entropy
+    lp3, ent3 = fused_token_logprobs(hid, w, y, bias=b, return_entropy=True, backend="torch")
+    _close(ent3, want_ent, 1e-5, "torch entropy")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fp16_gradients_survive_a_large_normaliser(tp, backend):
+    """fp16 with a normaliser of 65536 tokens (num_items_in_batch) and a GradScaler-style
+    upstream scale of 65536: the 1/N factor must not be folded into 16-bit dlogits or a 16-bit
+    dh before the scale is applied, or most entries flush to zero."""
+    hid, w, _, y, beh = _problem(41, torch.float16, n=12, h=16, v=48, masked=())
+    kw = dict(variant="token", num_items_in_batch=65536.0)
+    h1 = hid.clone().requires_grad_()
+    w1 = w.clone().requires_grad_()
+    loss = fused_pear_loss(h1, w1, y, beh, backend=backend, chunk_size=5, **kw)
+    (loss * 65536.0).backward()
+    h2 = hid.double().requires_grad_()
+    w2 = w.double().requires_grad_()
+    ref = reference_pear_loss(h2, w2, y, beh, **kw)
+    (ref * 65536.0).backward()
+    _close(h1.grad, h2.grad, 2e-3, "dh")
+    _close(w1.grad, w2.grad, 2e-3, "dW")
+
+
+def test_tf32_flag_read_through_the_new_api(interpreter):
+    utils = interpreter["pear_kernels.kernels.triton_utils"]
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    old = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert utils.fp32_matmul_uses_tf32() is True
+        matmul.fp32_precision = "ieee"
+        assert utils.fp32_matmul_uses_tf32() is False
+    finally:
+        matmul.fp32_precision = old
+
+
+def test_launches_run_in_the_tensors_device(tp, monkeypatch):
+    import types
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            entered.append(torch.device(device))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    with tp.device_context(types.SimpleNamespace(device=torch.device("cuda", 1))):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    for fn in (tp.forward, tp.backward, tp.token_logprobs):
+        assert getattr(fn, "__wrapped__", None) is not None  # every entry point is wrapped
+
+
+def test_deterministic_mode_avoids_atomics(tp):
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert tp._use_fused(True) is False
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert tp._use_fused(True) is True
+
+
+def test_autotune_keys_include_row_bucket(interpreter):
+    fused = interpreter["pear_kernels.kernels.triton_fused"]
+    for kernel in (fused._fused_forward_kernel, fused._fused_backward_kernel):
+        keys = getattr(kernel, "keys", None)
+        if keys is None:
+            pytest.skip("the interpreter's autotuner keeps no keys")
+        assert "R_BUCKET" in keys

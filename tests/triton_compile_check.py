@@ -58,6 +58,27 @@ def _ptxas_usage(ptx: str, arch: int):
     return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0
 
 
+# Integer arguments that are multiples of 16 at real shapes (H, V and the row strides of
+# 2048/896/4096-wide hidden states and 151936/128256/262144-row heads): the launcher marks them
+# tt.divisibility=16 exactly as it marks 16-byte-aligned pointers (every torch allocation is).
+DIVISIBLE_INTS = {"Hdim", "V", "stride_h", "stride_w", "stride_l", "R_BUCKET"}
+
+
+def launch_attrs(fn, signature):
+    """The specialisation attributes the launcher passes at a real launch (see Triton's
+    BaseBackend.get_tensor_specialization / get_int_specialization): compiling without them
+    compiles another kernel (scalar loads instead of vectorised/async copies, other register
+    counts) than the one that runs."""
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        ty = signature.get(name)
+        if ty is None or ty == "constexpr":
+            continue
+        if ty.startswith("*") or name in DIVISIBLE_INTS:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
 def _compile(fn, signature, constexprs, arch, num_warps=4, num_stages=3):
     fn = _jit(fn)
     sig = dict(signature)
@@ -65,14 +86,20 @@ def _compile(fn, signature, constexprs, arch, num_warps=4, num_stages=3):
         sig[k] = "constexpr"
     missing = set(fn.arg_names) ^ set(sig)
     assert not missing, f"{fn.__name__}: signature mismatch {missing}"
-    src = ASTSource(fn, sig, constexprs=constexprs)
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=launch_attrs(fn, sig))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
     regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
+    ptx = compiled.asm["ptx"]
+    async_copies = len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)) + len(re.findall(r"cp\.async\.bulk", ptx))
+    vector_loads = len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]", ptx))
     label = " ".join(f"{k}={v}" for k, v in constexprs.items() if k != "PRECISION")
     print(f"sm{arch} {fn.__name__:<22} warps={num_warps} stages={num_stages} {label}: "
-          f"{regs} registers, {spills} B spilled, {compiled.metadata.shared} B smem", flush=True)
+          f"{regs} registers, {spills} B spilled, {compiled.metadata.shared} B smem, "
+          f"{async_copies} async copies, {vector_loads} vector loads", flush=True)
+    return {"regs": regs, "spills": spills, "smem": compiled.metadata.shared, "async": async_copies,
+            "vector_loads": vector_loads}
 
 
 def compile_row_kernels(arch):
@@ -95,9 +122,9 @@ def compile_scan_kernels(arch):
         for write in (True,) if variant != 1 else (False, True):
             _compile(triton_scan._pear_weights_kernel,
                      {"D_ptr": "*fp64", "INCL_ptr": "*fp64", "N_AFTER_ptr": "*i64", "BLOCK_END_ptr": "*i64",
-                      "SEQ_START_ptr": "*i64", "LOGW_RAW_ptr": "*fp64",
+                      "SEQ_START_ptr": "*i64", "SEQ_END_ptr": "*i64", "LOGW_RAW_ptr": "*fp64",
                       "COEF_ptr": "*fp32" if write else "*fp64", "PARAMS_ptr": "*fp64",
-                      "start": "i32", "end": "i32", "scale": "fp32"},
+                      "start": "i32", "end": "i32", "M": "i32", "scale": "fp32"},
                      {"VARIANT": variant, "WRITE_COEF": write, "BLOCK": triton_scan.WEIGHT_BLOCK}, arch)
 
 
@@ -109,21 +136,36 @@ def compile_fused_forward(arch):
     for cfg, dt in _fused_cases(triton_fused.forward_configs(arch // 10)):
         sig = {"H_ptr": DT[dt], "W_ptr": DT[dt], "B_ptr": DT[dt], "ROW_ptr": "*i64", "Y_ptr": "*i64",
                "M_ptr": "*fp32", "S_ptr": "*fp32", "T_ptr": "*fp32", "ZY_ptr": "*fp32",
-               "R": "i32", "Hdim": "i32", "V": "i32", "SPLITS": "i32", "stride_h": "i32", "stride_w": "i32",
+               "R": "i32", "R_BUCKET": "i32", "Hdim": "i32", "V": "i32", "SPLITS": "i32", "stride_h": "i32",
+               "stride_w": "i32",
                "inv_temp": "fp32"}
         const = {"HAS_BIAS": True, "WITH_ENTROPY": True, "UPCAST": dt == "fp32",
                  "PRECISION": "ieee" if dt == "fp32" else "tf32", **cfg.kwargs}
-        _compile(triton_fused._fused_forward_kernel, sig, const, arch, cfg.num_warps, cfg.num_stages)
+        _check_16bit(dt, _compile(triton_fused._fused_forward_kernel, sig, const, arch, cfg.num_warps,
+                                  cfg.num_stages), "forward", cfg)
 
 
 def compile_fused_backward(arch):
     for cfg, dt in _fused_cases(triton_fused.backward_configs(arch // 10)):
         sig = {"H_ptr": DT[dt], "W_ptr": DT[dt], "B_ptr": DT[dt], "ROW_ptr": "*i64", "Y_ptr": "*i64",
                "LSE_ptr": "*fp32", "COEF_ptr": "*fp32", "DH_ptr": "*fp32", "DW_ptr": "*fp32", "DB_ptr": "*fp32",
-               "R": "i32", "Hdim": "i32", "V": "i32", "stride_h": "i32", "stride_w": "i32", "inv_temp": "fp32"}
+               "R": "i32", "R_BUCKET": "i32", "Hdim": "i32", "V": "i32", "stride_h": "i32", "stride_w": "i32",
+               "inv_temp": "fp32"}
         const = {"HAS_BIAS": True, "NEED_DH": True, "NEED_DW": True, "NEED_DB": True,
                  "UPCAST": dt == "fp32", "PRECISION": "ieee" if dt == "fp32" else "tf32", **cfg.kwargs}
-        _compile(triton_fused._fused_backward_kernel, sig, const, arch, cfg.num_warps, cfg.num_stages)
+        _check_16bit(dt, _compile(triton_fused._fused_backward_kernel, sig, const, arch, cfg.num_warps,
+                                  cfg.num_stages), "backward", cfg)
+
+
+def _check_16bit(dt, report, which, cfg):
+    """Every 16-bit autotune config of the fused kernels compiles, with the launcher's
+    attributes, to a kernel that does not spill and that streams its operand tiles with
+    asynchronous copies (cp.async on sm80, cp.async/TMA-class copies on sm90). The fp32
+    (UPCAST) variants are reported, not asserted: see docs/triton_backend.md."""
+    if dt == "fp32":
+        return
+    assert report["spills"] == 0, f"fused {which} {cfg}: {report['spills']} B spilled"
+    assert report["async"] > 0, f"fused {which} {cfg}: no asynchronous copies"
 
 
 def main(archs) -> int:

@@ -20,15 +20,16 @@ from .problem import PEARProblem
 
 __all__ = ["available", "unavailable_reason", "NativeRows", "forward", "backward", "token_logprobs"]
 
-try:  # built by setup.py when torch was importable at build time
-    from .. import _native  # type: ignore[attr-defined]
+try:  # built by setup.py (as pear_kernels.kernels._native) when torch was importable at build time
+    from . import _native  # type: ignore[attr-defined]
 
     _REASON: Optional[str] = None
-except ImportError as exc:  # pure-Python install, or the compile failed
+except ImportError:  # pure-Python install, or the compile failed
     _native = None
     _REASON = (
-        f"pear_kernels._native is not built ({exc}); build it with "
-        "`pip install --no-build-isolation -e .` (needs a C++ compiler)"
+        "the optional C++ extension pear_kernels.kernels._native was not built (a plain `pip install .` "
+        "builds in an isolated environment without torch); build it with "
+        "`pip install --no-build-isolation -e .` (needs torch and a C++ compiler)"
     )
 
 
@@ -76,8 +77,8 @@ def forward(problem, grad_scale=None, need=(False, False, False)):
     return torch_chunked.forward(_native_problem(problem), grad_scale, need)
 
 
-def backward(problem, coef, need):
-    return torch_chunked.backward(_native_problem(problem), coef, need)
+def backward(problem, coef, need, ucoef=None):
+    return torch_chunked.backward(_native_problem(problem), coef, need, ucoef)
 
 
 def token_logprobs(problem, with_entropy: bool = False):

@@ -23,7 +23,8 @@ from ..config import PEARConfig
 from ..weights import SequenceLayout
 from .vocab_parallel import VocabParallel
 
-__all__ = ["chunks_from_end", "PEARProblem", "Grads", "ForwardResult", "default_chunk_size", "CHUNK_BUDGET_BYTES"]
+__all__ = ["chunks_from_end", "PEARProblem", "Grads", "ForwardResult", "default_chunk_size", "CHUNK_BUDGET_BYTES",
+           "LossOptions", "NO_OPTIONS"]
 
 # Working memory for one chunk of logits. 128 MiB keeps a chunk of a 152k vocabulary at about
 # 220 rows. The three matmuls (H=2048) measured on a 2-core Xeon: 324 GFLOP/s at 256 rows, 323
@@ -33,6 +34,33 @@ CHUNK_BUDGET_BYTES = 128 * 2**20
 # Above this many rows a chunk gains nothing in matmul efficiency, and small-vocabulary
 # problems (RL on toy tasks) would otherwise get one giant chunk.
 MAX_CHUNK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Options of the token loss beyond the PEAR weight (the peers' names in brackets).
+
+    softcap (Gemma 2/3 ``final_logit_softcapping``; Liger/cut-cross-entropy ``softcap``):
+        z = softcap * tanh((h W^T + b) / softcap), then divided by the temperature.
+    lse_square_scale (Liger ``lse_square_scale``, PaLM's z-loss): adds
+        lse_square_scale * logsumexp(z)^2 per supervised token. Not multiplied by the PEAR
+        weight: it regularises the scale of the logits, not the imitation of a token.
+    label_smoothing (torch/Liger ``label_smoothing``): the token's cross-entropy becomes
+        (1 - eps) * -log p[y] + eps * mean_v(-log p[v]); the PEAR weight multiplies the whole
+        smoothed term (smoothing is part of the token's loss), and the log-ratio that builds
+        the weight is always the plain log p[y].
+    """
+
+    softcap: Optional[float] = None
+    lse_square_scale: float = 0.0
+    label_smoothing: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.softcap is not None or self.lse_square_scale != 0.0 or self.label_smoothing != 0.0
+
+
+NO_OPTIONS = LossOptions()
 
 
 @dataclass
@@ -51,6 +79,9 @@ class PEARProblem:
     # per-chunk primitives (softmax_stats_, dlogits_, logp_entropy_, scan, reduce_grad_hidden);
     # None = torch_chunked.LocalRows. The native CPU backend sets its own.
     row_math: Optional[object] = None
+    options: LossOptions = NO_OPTIONS
+    # also return the per-token logsumexp (ForwardResult.lse)
+    want_lse: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -84,8 +115,13 @@ class ForwardResult:
     log_ratio: torch.Tensor  # (M,) float64, unclipped
     log_w_raw: torch.Tensor  # (M,) float64, before the log-weight clip
     log_w: torch.Tensor  # (M,) float64, clipped
-    loss_sum: torch.Tensor  # () float64: sum_t w_t * -logp_t
+    loss_sum: torch.Tensor  # () float64: sum_t w_t * token_ce_t + z_loss_t
     grads: Optional[Grads]
+    # with LossOptions: the per-token cross-entropy term (smoothed) and z-loss, float64;
+    # None means token_ce = -logp and no z-loss
+    token_ce: Optional[torch.Tensor] = None
+    z_loss: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None  # (M,) logsumexp of the (capped, tempered) logits
 
 
 def chunks_from_end(m: int, rows: int) -> Iterator[Tuple[int, int]]:

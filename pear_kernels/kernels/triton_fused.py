@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import interpreting
+from .triton_utils import fp32_matmul_uses_tf32, interpreting
 
 __all__ = [
     "fused_lse_forward", "fused_recompute_backward", "forward_configs", "backward_configs", "vocab_splits",
@@ -110,11 +110,13 @@ def _logit_tile(H_ptr, W_ptr, B_ptr, rows, r_ok, v, v_ok, Hdim, stride_h, stride
     return acc * inv_temp
 
 
-@triton.autotune(configs=forward_configs(), key=["Hdim", "V"])  # not SPLITS: it varies with R
+# Keyed on the row bucket (next power of two of R) and the split count as well: a config tuned
+# on a first, tiny batch must not serve every later, large one.
+@triton.autotune(configs=forward_configs(), key=["Hdim", "V", "R_BUCKET", "SPLITS"], warmup=5, rep=20)
 @triton.jit
 def _fused_forward_kernel(
     H_ptr, W_ptr, B_ptr, ROW_ptr, Y_ptr, M_ptr, S_ptr, T_ptr, ZY_ptr,
-    R, Hdim, V, SPLITS, stride_h, stride_w, inv_temp,
+    R, R_BUCKET, Hdim, V, SPLITS, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -143,13 +145,17 @@ def _fused_forward_kernel(
         z = tl.where(v_ok[None, :], z, float("-inf"))
         z_y += tl.sum(tl.where(v[None, :] == y[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        # a row's first tile: m = -inf and m_new finite, so alpha = 0 and the empty sums vanish
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
+        # a row's first tile: m = -inf and m_new finite, so alpha = 0 and the empty sums vanish.
+        # A tile (or a whole split) of nothing but -inf logits (a -inf bias masking padded
+        # vocabulary) keeps m_new = -inf: shift by 0 there, or exp(-inf - -inf) = NaN would
+        # reach s and, through the merge of the splits, every row's log-prob
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe[:, None])
         s = s * alpha + tl.sum(e, axis=1)
         if WITH_ENTROPY:
-            # masked columns: e = 0 and z = -inf; zero z first so 0 * -inf never makes a NaN
-            t = t * alpha + tl.sum(e * tl.where(v_ok[None, :], z, 0.0), axis=1)
+            # e = 0 exactly where z = -inf: drop those terms (0 * -inf would be NaN)
+            t = t * alpha + tl.sum(tl.where(e > 0.0, e * z, 0.0), axis=1)
         m = m_new
     out = split * R + r
     tl.store(M_ptr + out, m, mask=r_ok)
@@ -159,17 +165,25 @@ def _fused_forward_kernel(
         tl.store(T_ptr + out, t, mask=r_ok)
 
 
-@triton.autotune(configs=backward_configs(), key=["Hdim", "V"], reset_to_zero=["DH_ptr", "DW_ptr", "DB_ptr"])
+# Tuning zeroes dH/dW/dB before every timed run (they are accumulated into); warmup/rep (ms)
+# bound that cost, and the row bucket keys the choice like the forward's.
+@triton.autotune(configs=backward_configs(), key=["Hdim", "V", "R_BUCKET"],
+                 reset_to_zero=["DH_ptr", "DW_ptr", "DB_ptr"], warmup=5, rep=20)
 @triton.jit
 def _fused_backward_kernel(
     H_ptr, W_ptr, B_ptr, ROW_ptr, Y_ptr, LSE_ptr, COEF_ptr, DH_ptr, DW_ptr, DB_ptr,
-    R, Hdim, V, stride_h, stride_w, inv_temp,
+    R, R_BUCKET, Hdim, V, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    pid_m = tl.program_id(0)
+    # programs are issued with pid 0 fastest: consecutive programs share pid 1, and without a
+    # rotation every resident program would add into the same dW rows at once. Offsetting
+    # the vocabulary tile by the token tile spreads their atomics over different rows.
+    pid_v = (tl.program_id(1) + pid_m) % tl.num_programs(1)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     r_ok = r < R
     v_ok = v < V
     rows = tl.load(ROW_ptr + r, mask=r_ok, other=0)
@@ -183,7 +197,9 @@ def _fused_backward_kernel(
     g = c[:, None] * (p - tl.where(v[None, :] == y[:, None], 1.0, 0.0))
     g = tl.where(r_ok[:, None] & v_ok[None, :], g, 0.0)
     if NEED_DB:
-        tl.atomic_add(DB_ptr + v, tl.sum(g, axis=0), mask=v_ok)
+        # relaxed: nothing is ordered against these sums within the launch (acq_rel would
+        # compile to a fenced atom instead of a fire-and-forget red)
+        tl.atomic_add(DB_ptr + v, tl.sum(g, axis=0), mask=v_ok, sem="relaxed")
     if UPCAST:
         g_dot = g
     else:
@@ -199,13 +215,13 @@ def _fused_backward_kernel(
             if UPCAST:
                 w = w.to(tl.float32)
             dh = tl.dot(g_dot, w, input_precision=PRECISION)
-            tl.atomic_add(DH_ptr + r64 * Hdim + k[None, :], dh, mask=r_ok[:, None] & k_ok[None, :])
+            tl.atomic_add(DH_ptr + r64 * Hdim + k[None, :], dh, mask=r_ok[:, None] & k_ok[None, :], sem="relaxed")
         if NEED_DW:
             h = tl.load(H_ptr + rows[:, None] * stride_h + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             if UPCAST:
                 h = h.to(tl.float32)
             dw = tl.dot(tl.trans(g_dot), h, input_precision=PRECISION)
-            tl.atomic_add(DW_ptr + v64 * Hdim + k[None, :], dw, mask=v_ok[:, None] & k_ok[None, :])
+            tl.atomic_add(DW_ptr + v64 * Hdim + k[None, :], dw, mask=v_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
 def _flags(hidden: torch.Tensor):
@@ -214,7 +230,7 @@ def _flags(hidden: torch.Tensor):
     if interpreting():
         return True, "ieee"
     if hidden.dtype == torch.float32:
-        return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return True, "tf32" if fp32_matmul_uses_tf32() else "ieee"
     # 16-bit operands: tensor cores with fp32 accumulation; the precision flag only concerns fp32
     # operands, so keep Triton's default for them
     return False, "tf32"
@@ -261,7 +277,7 @@ def fused_lse_forward(
     grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), splits)  # noqa: E731
     _fused_forward_kernel[grid](
         hidden, weight, bias if bias is not None else weight, row_index, labels, m_p, s_p, t_p, zy_p,
-        R, Hdim, V, splits, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+        R, triton.next_power_of_2(R), Hdim, V, splits, hidden.stride(0), weight.stride(0), 1.0 / temperature,
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=upcast, PRECISION=precision,
     )
     if splits == 1:
@@ -300,7 +316,7 @@ def fused_recompute_backward(
         hidden, weight, bias if bias is not None else weight, row_index, labels, lse, coef,
         dh if dh is not None else dummy(), dw if dw is not None else dummy(),
         db if db is not None else dummy(),
-        R, Hdim, V, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+        R, triton.next_power_of_2(R), Hdim, V, hidden.stride(0), weight.stride(0), 1.0 / temperature,
         HAS_BIAS=bias is not None, NEED_DH=need[0], NEED_DW=need[1], NEED_DB=need_db,
         UPCAST=upcast, PRECISION=precision,
     )

@@ -22,6 +22,8 @@ the kernels here keep their softmax state in fp32.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -54,9 +56,32 @@ def _rows(problem: PEARProblem) -> int:
 
 
 def _use_fused(fused: Optional[bool]) -> bool:
+    """The fused recompute backward accumulates with fp32 atomics, whose order (and so the last
+    bits of dh/dW) varies from run to run: under torch.use_deterministic_algorithms(True) the
+    chunked path (cuBLAS GEMMs, no atomics) serves the gradients instead."""
+    if torch.are_deterministic_algorithms_enabled():
+        return False
     if fused is not None:
         return bool(fused)
     return os.environ.get(FUSED_ENV_VAR, "0").strip().lower() in ("1", "true", "yes")
+
+
+def device_context(tensor: torch.Tensor):
+    """Triton launches on the *current* CUDA device and stream; with the head on another GPU
+    than the current one (device_map="auto") a launch would read foreign memory. Every entry
+    point runs inside the device of its tensors."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+def _on_problem_device(fn):
+    @functools.wraps(fn)
+    def wrapper(problem, *args, **kwargs):
+        with device_context(problem.hidden):
+            return fn(problem, *args, **kwargs)
+
+    return wrapper
 
 
 def _hidden(problem: PEARProblem) -> torch.Tensor:
@@ -91,32 +116,74 @@ def _fused_grads(problem: PEARProblem, lse, coef, need) -> Grads:
         lse, coef, need, problem.temperature,
     )
     dh = None
-    if dh_c is not None:
-        dh = torch.zeros_like(problem.hidden)
-        dh[problem.layout.sup_index] = dh_c.to(dh.dtype)
+    if dh_c is not None:  # fp32, rounded to the input dtype after the upstream gradient
+        dh = torch.zeros(problem.hidden.shape, dtype=torch.float32, device=problem.hidden.device)
+        dh[problem.layout.sup_index] = dh_c
     return Grads(dh, dw, db)
 
 
-class _ChunkGrads:
-    """dh (into the chunk's token rows), dW and db from one fp32 dlogits chunk (cuBLAS)."""
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> bool:
+    """out (fp32) = / += a @ b for 16-bit a, b on tensor cores with fp32 accumulation and an
+    fp32 result (torch's out_dtype GEMM, CUDA only). False where it is not available."""
+    if not a.is_cuda:
+        return False
+    try:
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
-    def __init__(self, problem: PEARProblem, need):
+
+class _ChunkGrads:
+    """dh (into the chunk's token rows), dW and db from one fp32 dlogits chunk (cuBLAS).
+
+    16-bit inputs: the dlogits are cast to the input dtype once and serve both GEMMs. dW runs
+    as a 16-bit GEMM with fp32 accumulation into the fp32 buffer (an fp32 GEMM on CUDA cores
+    would be ~15x slower than the two 16-bit ones on A100/H100); the buffer is written, not
+    zero-filled, by the first chunk. ``post_scale``: a factor applied after the GEMMs instead
+    of inside dlogits (fp16: 1/normalizer folded into the dlogits would flush most entries to
+    zero at N = 16k and more). dh is kept in fp32 for 16-bit inputs and rounded once, after
+    the upstream gradient is applied (GradScaler's scale included).
+    """
+
+    def __init__(self, problem: PEARProblem, need, post_scale: float = 1.0):
         h, w = problem.hidden, problem.weight
         self.w = _weight(problem)
-        self.dh = torch.zeros_like(h) if need[0] else None
-        self.dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need[1] else None
+        self.post_scale = post_scale
+        self.dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need[0] else None
+        self.dw = torch.empty(w.shape, dtype=torch.float32, device=w.device) if need[1] else None
+        self._dw_written = False
         has_b = need[2] and problem.bias is not None
         self.db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if has_b else None
 
     def add(self, dlogits, h_c, rows) -> None:
+        sixteen = self.w.dtype in (torch.float16, torch.bfloat16)
+        d_in = dlogits.to(self.w.dtype) if sixteen else dlogits
         if self.dh is not None:
-            self.dh[rows] = torch.mm(dlogits.to(self.w.dtype), self.w)
+            dh_c = torch.mm(d_in, self.w).to(torch.float32)
+            self.dh[rows] = dh_c * self.post_scale if self.post_scale != 1.0 else dh_c
         if self.dw is not None:
-            self.dw.addmm_(dlogits.t(), h_c.to(torch.float32))
+            if not (sixteen and _mm_fp32_out(d_in.t(), h_c, self.dw, self._dw_written)):
+                h32 = h_c.to(torch.float32)
+                if self._dw_written:
+                    self.dw.addmm_(dlogits.t(), h32)
+                else:
+                    torch.mm(dlogits.t(), h32, out=self.dw)
+            self._dw_written = True
         if self.db is not None:
             self.db += dlogits.sum(dim=0)
 
     def result(self) -> Grads:
+        if self.dw is not None:
+            if not self._dw_written:
+                self.dw.zero_()
+            elif self.post_scale != 1.0:
+                self.dw.mul_(self.post_scale)
+        if self.db is not None and self.post_scale != 1.0:
+            self.db.mul_(self.post_scale)
         return Grads(self.dh, self.dw, self.db)
 
 
@@ -153,6 +220,7 @@ def _finish(problem, logp, behavior, log_w_raw, grads) -> ForwardResult:
     )
 
 
+@_on_problem_device
 def token_logprobs(problem: PEARProblem, with_entropy: bool = False):
     """(M,) float32 log-probs of the supervised labels (and entropies), fully fused."""
     if problem.hidden.dtype not in _TRITON_DTYPES:
@@ -161,6 +229,7 @@ def token_logprobs(problem: PEARProblem, with_entropy: bool = False):
     return (logp, ent) if with_entropy else logp
 
 
+@_on_problem_device
 def forward(
     problem: PEARProblem,
     grad_scale: Optional[float] = None,
@@ -188,6 +257,9 @@ def forward(
         return _finish(problem, logp, behavior, log_w_raw, grads)
 
     rows = _rows(problem)
+    # fp16: the normaliser is applied after the GEMMs, not inside the 16-bit dlogits
+    post_scale = grad_scale if problem.hidden.dtype == torch.float16 else 1.0
+    coef_scale = grad_scale / post_scale
     # The sequence weight needs every log-prob of its sequence before any of its gradients.
     weights_known = config.variant is Variant.SEQUENCE and m > rows
     coef_all = None
@@ -196,10 +268,10 @@ def forward(
         # its gradient agree for 16-bit inputs (the fused kernel never rounds logits)
         logp_all = _chunked_logprobs(problem)
         _scan_all(problem, logp_all, behavior, d, incl)
-        coef_all = pear_log_weights(d, incl, layout, config, 0, m, log_w_raw, coef_scale=grad_scale)
+        coef_all = pear_log_weights(d, incl, layout, config, 0, m, log_w_raw, coef_scale=coef_scale)
     else:
         logp_all = torch.empty(m, dtype=torch.float32, device=dev)
-    sink = _ChunkGrads(problem, need)
+    sink = _ChunkGrads(problem, need, post_scale)
     h, y_all = _hidden(problem), _compact_labels(problem)
     for start, end in chunks_from_end(m, rows):
         token_rows = layout.sup_index[start:end]
@@ -212,12 +284,13 @@ def forward(
         else:
             logp_all[start:end] = logp
             pear_scan_(logp, behavior, layout, config, d, incl, start, end)
-            coef = pear_log_weights(d, incl, layout, config, start, end, log_w_raw, coef_scale=grad_scale)
+            coef = pear_log_weights(d, incl, layout, config, start, end, log_w_raw, coef_scale=coef_scale)
         row_dlogits_(logits, y, lse, coef, problem.temperature)
         sink.add(logits, h_c, token_rows)
     return _finish(problem, logp_all, behavior, log_w_raw, sink.result())
 
 
+@_on_problem_device
 def backward(
     problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, bool], fused: Optional[bool] = None
 ) -> Grads:

@@ -62,12 +62,16 @@ def _row_stats_kernel(
         c = v0 + cols
         z = tl.load(base + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_temp
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
+        # a tile of nothing but -inf (a -inf bias masking padded vocabulary) keeps m = -inf:
+        # shift by 0 then, or exp(-inf - -inf) = NaN would poison s
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe)
         s = s * alpha + tl.sum(e, axis=0)
         if WITH_ENTROPY:
-            # masked columns: e = 0 and z = -inf; zero z first so 0 * -inf never makes a NaN
-            t = t * alpha + tl.sum(e * tl.where(c < V, z, 0.0), axis=0)
+            # e = 0 exactly where z = -inf (masked columns, -inf logits): 0 * -inf is NaN, so
+            # those terms are dropped instead of multiplied
+            t = t * alpha + tl.sum(tl.where(e > 0.0, e * z, 0.0), axis=0)
         m = m_new
     lse = m + tl.log(s)
     z_y = tl.load(base + y).to(tl.float32) * inv_temp

@@ -23,8 +23,8 @@ packed rows need nothing more than their seq_end (cu_seqlens become segment boun
 
 ``pear_log_weights`` (tiled over the chunk), per variant, with n_after_i = T - t:
 
-    token:    log G_i = n_after_i log(gamma) + incl_i - d_i
-    block:    log G_i = n_after_e log(gamma) + incl_e - d_e,   e = last token of i's block
+    token:    log G_i = n_after_i log(gamma) + incl_{i+1}   (0 when i ends its sequence)
+    block:    log G_i = n_after_e log(gamma) + incl_{e+1},  e = last token of i's block
               (= the token weight at e: the discounted sum of the block sums rho_m, m > k;
               e may lie in a later chunk, whose incl/d are already final)
     sequence: log G_i = incl at the sequence's first token (needs the whole sequence scanned)
@@ -90,9 +90,9 @@ def _pear_scan_kernel(
 
 @triton.jit(do_not_specialize=["start", "end"])
 def _pear_weights_kernel(
-    D_ptr, INCL_ptr, N_AFTER_ptr, BLOCK_END_ptr, SEQ_START_ptr,
+    D_ptr, INCL_ptr, N_AFTER_ptr, BLOCK_END_ptr, SEQ_START_ptr, SEQ_END_ptr,
     LOGW_RAW_ptr, COEF_ptr, PARAMS_ptr,
-    start, end, scale,
+    start, end, M, scale,
     VARIANT: tl.constexpr, WRITE_COEF: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = start + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -111,9 +111,12 @@ def _pear_weights_kernel(
         else:
             e = i
         n_after = tl.load(N_AFTER_ptr + e, mask=valid, other=0).to(tl.float64)
-        incl = tl.load(INCL_ptr + e, mask=valid, other=0.0)
-        d = tl.load(D_ptr + e, mask=valid, other=0.0)
-        log_g = n_after * log_gamma + (incl - d)
+        # the sum strictly after e, read at e + 1 (never incl_e - d_e: with an unbounded
+        # delta clip an infinite d_e would give inf - inf = NaN)
+        seq_end = tl.load(SEQ_END_ptr + e, mask=valid, other=0)
+        has_next = valid & (e + 1 < seq_end)
+        after = tl.load(INCL_ptr + tl.minimum(e + 1, M - 1), mask=has_next, other=0.0)
+        log_g = n_after * log_gamma + tl.where(has_next, after, 0.0)
     tl.store(LOGW_RAW_ptr + i, log_g, mask=valid)
     if WRITE_COEF:
         log_w = tl.minimum(tl.maximum(log_g, logw_lo), logw_hi)
@@ -174,9 +177,9 @@ def pear_log_weights(
     )
     block = min(WEIGHT_BLOCK, next_pow2(end - start))
     _pear_weights_kernel[(triton.cdiv(end - start, block),)](
-        d, incl, layout.n_after, layout.block_end, layout.seq_start,
+        d, incl, layout.n_after, layout.block_end, layout.seq_start, layout.seq_end,
         log_w_raw, coef, scan_params(config, d.device),
-        start, end, float(coef_scale or 0.0),
+        start, end, d.numel(), float(coef_scale or 0.0),
         VARIANT=VARIANT_CODES[config.variant], WRITE_COEF=coef_scale is not None,
         BLOCK=block, num_warps=4,
     )

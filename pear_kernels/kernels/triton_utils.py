@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
-__all__ = ["interpreting", "next_pow2", "ROW_WARPS"]
+__all__ = ["interpreting", "next_pow2", "ROW_WARPS", "fp32_matmul_uses_tf32"]
 
 # A warp of 32 threads holding 4 contiguous fp32 each covers 128 columns; 4 warps per row
 # program stream a 2048-wide vocabulary tile through registers without spilling.
@@ -41,3 +42,27 @@ def interpreting() -> bool:
 
 def next_pow2(n: int) -> int:
     return int(triton.next_power_of_2(max(int(n), 1)))
+
+
+def fp32_matmul_uses_tf32() -> bool:
+    """Whether torch runs fp32 CUDA matmuls in TF32, read the way torch >= 2.9 wants it.
+
+    torch 2.9 added ``torch.backends.cuda.matmul.fp32_precision`` ("ieee" / "tf32" / "none",
+    the latter inheriting ``torch.backends.fp32_precision``); once a user sets it, reading the
+    legacy ``allow_tf32`` raises ("mix of the legacy and new APIs"). The new API is read first
+    and the legacy flag only where the new one is absent or undecided.
+    """
+    matmul = torch.backends.cuda.matmul
+    for owner, name in ((matmul, "fp32_precision"), (torch.backends, "fp32_precision")):
+        try:
+            value = getattr(owner, name, None)
+        except RuntimeError:
+            value = None
+        if value == "tf32":
+            return True
+        if value == "ieee":
+            return False
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # the new API is in use but undecided: torch's default is IEEE fp32
+        return False

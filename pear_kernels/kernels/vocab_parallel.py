@@ -29,7 +29,7 @@ chunk length is derived from the largest shard, never from the local one.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -57,50 +57,6 @@ class VocabParallel:
         self.vocab_end = self.vocab_start + self.shard_sizes[rank]
         self.vocab_size = sum(self.shard_sizes)
         self.max_shard_size = max(self.shard_sizes)
-
-    @classmethod
-    def create(
-        cls, group, weight: torch.Tensor, labels: torch.Tensor, chunk_size: Optional[int]
-    ) -> "VocabParallel":
-        """Learn the shard layout with one all_gather; check what must agree across ranks.
-
-        The gathered vector also carries the token count and chunk size: if they differed
-        between ranks the per-chunk collectives would pair up wrongly (a hang or a silent wrong
-        answer), and every rank sees the same gathered values, so every rank raises together.
-        """
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError(
-                "vocab_parallel_group needs an initialised torch.distributed process group "
-                "(torch.distributed.init_process_group)"
-            )
-        if not torch.is_tensor(weight) or weight.dim() != 2:
-            raise ValueError("lm_head_weight must be this rank's (V_shard, H) vocabulary shard")
-        if not torch.is_tensor(labels):
-            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-        try:
-            world = dist.get_world_size(group)
-            rank = dist.get_rank(group)
-        except (RuntimeError, ValueError, TypeError) as err:
-            raise TypeError(f"vocab_parallel_group must be a torch.distributed ProcessGroup: {err}") from None
-        if rank < 0:
-            raise ValueError("this process is not a member of vocab_parallel_group")
-        mine = torch.tensor(
-            [weight.shape[0], labels.numel(), chunk_size or 0], dtype=torch.int64, device=weight.device
-        )
-        gathered = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(gathered, mine, group=group)
-        table = torch.stack(gathered).cpu().tolist()
-        sizes = [row[0] for row in table]
-        if any(size == 0 for size in sizes):
-            raise ValueError(f"every rank of vocab_parallel_group needs a non-empty vocabulary shard, got {sizes}")
-        if len({row[1] for row in table}) != 1:
-            raise ValueError(
-                "labels must be the same on every rank of vocab_parallel_group, but their sizes "
-                f"differ: {[row[1] for row in table]}"
-            )
-        if len({row[2] for row in table}) != 1:
-            raise ValueError(f"chunk_size must be the same on every rank, got {[row[2] for row in table]}")
-        return cls(group, sizes, rank)
 
     # -- row statistics -------------------------------------------------------------------
 
@@ -136,6 +92,7 @@ class VocabParallel:
         tgt = self._target_logit(z, y)
         m = self._row_max_(z)
         z.sub_(m[:, None])
+        z.clamp_(min=torch.finfo(z.dtype).min)  # -inf logits: p = 0 and p * z = 0, not NaN
         p = torch.exp(z)
         stats = torch.stack([p.sum(dim=1), (p * z).sum(dim=1), tgt])
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)

@@ -83,13 +83,26 @@ def native_status() -> str:
 
 
 def select_backend(
-    device: torch.device, override: Optional[str] = None, hidden_size: Optional[int] = None
+    device: torch.device, override: Optional[str] = None, hidden_size: Optional[int] = None,
+    options: bool = False,
 ) -> ModuleType:
-    """The kernel module for tensors on ``device`` (with the given hidden size)."""
+    """The kernel module for tensors on ``device`` (with the given hidden size).
+
+    ``options``: the loss uses softcap, z-loss, label smoothing or returns the logsumexp,
+    which only the chunked PyTorch kernels implement (on any device): "auto" picks them, and a
+    forced other backend is refused rather than silently ignoring the option.
+    """
     name = requested_backend(override)
     device = torch.device(device)
     if name == "torch":
         return torch_chunked
+    if options:
+        if name == "auto":
+            return torch_chunked
+        raise ValueError(
+            f"backend {name!r} does not implement softcap, lse_square_scale, label_smoothing or "
+            "return_lse; use backend='torch' or 'auto' (which picks it) with these options"
+        )
     if name == "native":
         if not native_cpu.available():
             raise RuntimeError(f"backend 'native' requested but {native_cpu.unavailable_reason()}")

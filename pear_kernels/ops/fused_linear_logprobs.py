@@ -16,42 +16,56 @@ from typing import Optional
 
 import torch
 
+from ..kernels import torch_chunked
 from ..kernels.problem import PEARProblem
 from .dispatch import select_backend
+from .once import differentiable_once
 
 __all__ = ["FusedLinearLogprobsFunction", "fused_linear_logprobs"]
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
+    """Log-probs (and, with ``with_entropy``, entropies) as differentiable outputs.
+
+    Backward recomputes the logits chunk by chunk. The entropy carries a gradient (an entropy
+    bonus in RL needs it): when its upstream gradient is nonzero the recompute uses
+    ``torch_chunked.backward_with_entropy`` (dH/dz_v = -p_v (z_v - E_p z)), on any device.
+    """
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, problem: PEARProblem, backend, with_entropy, aux):
-        if with_entropy:
-            logp, entropy = backend.token_logprobs(problem, with_entropy=True)
-            aux["entropy"] = entropy
-        else:
-            logp = backend.token_logprobs(problem)
+    def forward(ctx, hidden, weight, bias, problem: PEARProblem, backend, with_entropy):
         ctx.save_for_backward(hidden, weight, bias)  # read back in backward: version-checked
         ctx.problem, ctx.backend = replace(problem, hidden=None, weight=None, bias=None), backend
         ctx.need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         ctx.param_dtype = weight.dtype
-        return logp
+        ctx.with_entropy = with_entropy
+        if with_entropy:
+            return backend.token_logprobs(problem, with_entropy=True)
+        return backend.token_logprobs(problem)
 
     @staticmethod
-    def backward(ctx, grad_logp):
+    @differentiable_once
+    def backward(ctx, grad_logp, grad_entropy=None):
+        # ctx.problem is kept: a second backward through a retained graph recomputes again
         hidden, weight, bias = ctx.saved_tensors
+        if not any(ctx.need):
+            return (None,) * 6
         problem = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
-        grads = ctx.backend.backward(problem, -grad_logp.to(torch.float64), ctx.need)
-        ctx.problem = None
+        coef = -grad_logp.to(torch.float64)
+        if grad_entropy is not None and bool((grad_entropy != 0).any()):
+            grads = torch_chunked.backward_with_entropy(problem, coef, grad_entropy.to(torch.float64), ctx.need)
+        else:
+            grads = ctx.backend.backward(problem, coef, ctx.need)
+        dh = grads.hidden.to(hidden.dtype) if grads.hidden is not None else None
         dw = grads.weight.to(ctx.param_dtype) if grads.weight is not None else None
         db = grads.bias.to(ctx.param_dtype) if grads.bias is not None else None
-        return grads.hidden, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None
 
 
 def fused_linear_logprobs(problem: PEARProblem, with_entropy: bool = False, backend: Optional[str] = None):
-    """(M,) log-probs of the problem's supervised labels (and (M,) entropies, detached)."""
-    module = select_backend(problem.hidden.device, backend, problem.hidden.shape[-1])
-    aux: dict = {}
-    logp = FusedLinearLogprobsFunction.apply(
-        problem.hidden, problem.weight, problem.bias, problem, module, with_entropy, aux
+    """(M,) log-probs of the problem's supervised labels (and (M,) entropies), differentiable."""
+    module = select_backend(problem.hidden.device, backend, problem.hidden.shape[-1],
+                            options=problem.options.active)
+    return FusedLinearLogprobsFunction.apply(
+        problem.hidden, problem.weight, problem.bias, problem, module, with_entropy
     )
-    return (logp, aux["entropy"]) if with_entropy else logp

@@ -2,7 +2,7 @@
 
 The tasks in ``rl.tasks`` are written in a handful of characters, so one id per character
 keeps behavior log-probs exactly aligned with model tokens: a trace's i-th character *is*
-its i-th token, which removes the off-by-one tokenization pitfall of PEAR_SPEC.md by design.
+its i-th token, which removes the off-by-one tokenization pitfall (docs/pear_math.md) by design.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pear_kernels.transformers needs Hugging Face transformers: pip install pear_kernels[hf]"
     ) from exc
 
+from .auto import AutoPEARKernelForCausalLM
 from .collator import PEARDataCollator
 from .collect import collect_behavior_logprobs, ingest_generation_logprobs, read_collected
 from .data import MisalignedExampleError, PEARDataset, build_example, load_pear_dataset, read_records
@@ -24,10 +25,13 @@ from .patch import (
     apply_pear_kernel_to_llama,
     apply_pear_kernel_to_qwen2,
     apply_pear_kernel_to_qwen3,
+    pear_state,
     remove_pear_kernel,
+    require_pear_forward,
 )
 
 __all__ = [
+    "AutoPEARKernelForCausalLM",
     "MisalignedExampleError",
     "PEARDataCollator",
     "PEARDataset",
@@ -37,6 +41,8 @@ __all__ = [
     "apply_pear_kernel_to_llama",
     "apply_pear_kernel_to_qwen2",
     "apply_pear_kernel_to_qwen3",
+    "require_pear_forward",
+    "pear_state",
     "build_example",
     "collect_behavior_logprobs",
     "ingest_generation_logprobs",

@@ -111,18 +111,30 @@ def _short(v) -> str:
     return f"{type(v).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
+def _decode_json_line(raw: bytes, where: str) -> Any:
+    """One JSONL line: undecodable bytes, invalid or too deeply nested JSON name file and line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(
+            f"{where}: undecodable bytes at column {exc.start + 1} (the file is not UTF-8 text)"
+        ) from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        hint = " (the file looks truncated)" if not line.endswith("\n") else ""
+        raise DataFormatError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}{hint}") from None
+    except RecursionError:
+        raise DataFormatError(f"{where}: JSON nested too deeply to read") from None
+
+
 def _read_jsonl(path: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    with open(path, "r", encoding="utf-8") as f:
-        lineno = 0
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                hint = " (the file looks truncated)" if not line.endswith("\n") else ""
-                raise DataFormatError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}{hint}") from None
+            rec = _decode_json_line(raw, where)
             _check_record(rec, where)
             yield where, rec
 
@@ -207,7 +219,9 @@ def iter_source(source) -> Iterator[Tuple[str, Dict[str, Any]]]:
             from .collect import read_collected
 
             for i, rec in enumerate(read_collected(path)):
-                yield f"{path}: row {i + 1}", rec
+                where = f"{path}: row {i + 1}"
+                _check_record(rec, where)  # the same type checks as a JSONL row
+                yield where, rec
         else:
             yield from read_records(path)
         return
@@ -290,6 +304,80 @@ def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
     return min(len(a), len(b))
 
 
+# Token ids are stored as int32 in Parquet shards and index an embedding table: anything at or
+# above 2**31 (or negative) is corrupt data, whatever the tokenizer.
+_MAX_TOKEN_ID = 2**31 - 1
+
+
+def _vocab_size(tokenizer) -> Optional[int]:
+    if tokenizer is None:
+        return None
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return getattr(tokenizer, "vocab_size", None)
+
+
+def _stored_ids_end_with_eos(rec, tokenizer, where, add_special_tokens) -> bool:
+    """For a text record: do its stored behavior ids equal the tokenization plus EOS?"""
+    stored = rec.get("behavior_token_ids")
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if stored is None or eos is None or not stored or stored[-1] != eos:
+        return False
+    if rec.get("prompt_ids") is not None and rec.get("messages") is None and not isinstance(rec.get("response"), str):
+        return False  # an ids record: nothing is tokenized
+    try:
+        p, r = tokenize_record(rec, tokenizer, where=where, add_special_tokens=add_special_tokens, append_eos=False)
+    except DataFormatError:
+        return False
+    if rec.get("prompt_ids") is not None:  # ids and text (a collected row): the text decides
+        text_only = {k: v for k, v in rec.items() if k not in ("prompt_ids", "response_ids")}
+        p, r = tokenize_record(text_only, tokenizer, where=where, add_special_tokens=add_special_tokens,
+                               append_eos=False)
+    return list(stored) in (r + [eos], p + r + [eos])
+
+
+def _check_id_range(rec, ids: Sequence[int], tokenizer, where: str) -> None:
+    """Every stored id (prompt, response, behavior ids) is a valid index of the vocabulary."""
+    limit = _vocab_size(tokenizer)
+    upper = limit if limit is not None else _MAX_TOKEN_ID + 1
+    for name, values in (("input", ids), ("behavior_token_ids", rec.get("behavior_token_ids") or [])):
+        for pos, t in enumerate(values):
+            if not 0 <= t < upper:
+                what = f"the tokenizer's vocabulary of {limit}" if limit is not None else "int32 token ids"
+                raise DataFormatError(
+                    f"{where}: {name} id {t} at position {pos} is outside [0, {upper}) ({what})"
+                )
+
+
+def _check_stored_ids_retokenize(rec, prompt_ids, response_ids, tokenizer, index, where,
+                                 add_special_tokens, append_eos) -> None:
+    """A record that stores both text and token ids (what ``collect`` writes) is re-tokenised
+    with the training tokenizer: the stored ids must be what this tokenizer makes of the text.
+    A tokenizer that differs from the collection's (another class, another vocabulary, another
+    special-token setting) would otherwise pair every log-prob with the wrong token."""
+    if tokenizer is None or rec.get("prompt_ids") is None:
+        return
+    has_text = rec.get("messages") is not None or (
+        isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str)
+    )
+    if not has_text:
+        return
+    text_only = {k: v for k, v in rec.items() if k not in ("prompt_ids", "response_ids")}
+    p2, r2 = tokenize_record(text_only, tokenizer, where=where, add_special_tokens=add_special_tokens,
+                             append_eos=append_eos)
+    stored, fresh = list(prompt_ids) + list(response_ids), p2 + r2
+    if stored != fresh:
+        pos = _first_difference(stored, fresh)
+        s_ = stored[pos] if pos < len(stored) else "<end>"
+        t_ = fresh[pos] if pos < len(fresh) else "<end>"
+        raise MisalignedExampleError(
+            index, where, pos, s_, t_,
+            " (the stored token ids are not this tokenizer's tokenization of the stored text: the "
+            "training tokenizer, append_eos or add_special_tokens differ from the collection's)",
+        )
+
+
 def build_example(
     rec: Dict[str, Any],
     tokenizer=None,
@@ -298,13 +386,24 @@ def build_example(
     where: str = "record",
     max_length: Optional[int] = None,
     add_special_tokens: bool = True,
-    append_eos: bool = False,
+    append_eos: Optional[bool] = None,
     ignore_index: int = -100,
 ) -> Dict[str, List]:
-    """One training example: input_ids, attention_mask, labels and aligned behavior_logprobs."""
+    """One training example: input_ids, attention_mask, labels and aligned behavior_logprobs.
+
+    ``append_eos`` (text records): True appends the tokenizer's EOS to the response, False
+    does not, None (default) follows the stored ``behavior_token_ids``: EOS is appended exactly
+    when the data was collected with it (collection appends it by default, as TRL does), so
+    the stored ids decide and nothing is guessed.
+    """
+    if append_eos is None:
+        append_eos = _stored_ids_end_with_eos(rec, tokenizer, where, add_special_tokens)
     prompt_ids, response_ids = tokenize_record(
         rec, tokenizer, where=where, add_special_tokens=add_special_tokens, append_eos=append_eos
     )
+    _check_id_range(rec, prompt_ids + response_ids, tokenizer, where)
+    _check_stored_ids_retokenize(rec, prompt_ids, response_ids, tokenizer, index, where,
+                                 add_special_tokens, append_eos)
     input_ids = prompt_ids + response_ids
     P, L = len(prompt_ids), len(input_ids)
     logprobs = rec.get("behavior_logprobs")
@@ -345,14 +444,41 @@ def build_example(
             )
         behavior[pos] = float(v)
     labels = [ignore_index] * P + list(response_ids)
+    teacher = _teacher_columns(rec, P, L, len(response_ids), where)
     if max_length is not None:
         input_ids, labels, behavior = input_ids[:max_length], labels[:max_length], behavior[:max_length]
-    return {
+        if teacher is not None:
+            teacher = (teacher[0][:max_length], teacher[1][:max_length])
+    out = {
         "input_ids": input_ids,
         "attention_mask": [1] * len(input_ids),
         "labels": labels,
         "behavior_logprobs": behavior,
     }
+    if teacher is not None:
+        out["teacher_ids"], out["teacher_logprobs"] = teacher
+    return out
+
+
+def _teacher_columns(rec, P: int, L: int, R: int, where: str):
+    """Stored teacher top-k (``teacher_ids``/``teacher_logprobs``, one list of K per response
+    token, as ``collect --top-k`` writes them) aligned with input_ids: (L, K) each, prompt
+    positions filled with K distinct ids 0..K-1 and log-probs 0 (never supervised, never read)."""
+    ids, lps = rec.get("teacher_ids"), rec.get("teacher_logprobs")
+    if ids is None and lps is None:
+        return None
+    if ids is None or lps is None:
+        raise DataFormatError(f"{where}: 'teacher_ids' and 'teacher_logprobs' come together")
+    if len(ids) != R or len(lps) != R:
+        raise DataFormatError(
+            f"{where}: teacher_ids/teacher_logprobs have {len(ids)}/{len(lps)} entries for {R} response tokens"
+        )
+    K = len(ids[0]) if R else 0
+    for j, (a, b) in enumerate(zip(ids, lps)):
+        if len(a) != K or len(b) != K:
+            raise DataFormatError(f"{where}: teacher top-k entry {j} has {len(a)} ids and {len(b)} log-probs, not {K}")
+    pad_ids, pad_lp = [list(range(K))] * P, [[0.0] * K] * P
+    return pad_ids + [list(a) for a in ids], pad_lp + [[float(x) for x in b] for b in lps]
 
 
 # ----------------------------------------------------------------------------- data set
@@ -391,11 +517,12 @@ def load_pear_dataset(
     max_length: Optional[int] = None,
     skip_misaligned: bool = False,
     add_special_tokens: bool = True,
-    append_eos: bool = False,
+    append_eos: Optional[bool] = None,
     ignore_index: int = -100,
 ) -> PEARDataset:
     """Load and align PEAR examples from JSONL/Parquet files, a ``collect`` output dir, or records.
 
+    ``append_eos``: see build_example (None: follow the stored token ids).
     ``max_length`` truncates from the end; an example left without a supervised token is
     skipped and counted. ``skip_misaligned`` skips (and counts, in ``.skipped``) examples whose
     stored token ids differ from the tokenization instead of raising MisalignedExampleError.

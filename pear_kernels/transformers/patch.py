@@ -45,6 +45,7 @@ __all__ = [
     "apply_pear_kernel_to_qwen3",
     "remove_pear_kernel",
     "pear_state",
+    "require_pear_forward",
 ]
 
 _STATE_ATTR = "_pear_patch_state"
@@ -52,10 +53,19 @@ _STATE_ATTR = "_pear_patch_state"
 # Kwargs the loss consumes and the backbone must not see.
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
 
-# Config fields of architectures whose logits are not plain hidden @ W^T + b: the fused loss
-# cannot reproduce a softcap or a logit multiplier, so patching them is refused.
-_UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
-                                 "lm_head_multiplier", "logits_scaling")
+# Config fields of architectures whose logits are not plain hidden @ W^T + b and that the fused
+# loss does not reproduce (a logit multiplier): patching them is refused. A logit soft-cap
+# (Gemma 2/3 ``final_logit_softcapping``) is reproduced: it is passed to the loss as softcap.
+_UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def _logit_softcap(config) -> Optional[float]:
+    """The model's final-logit soft-cap (None when unset or 0)."""
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "final_logit_softcapping", None)
+    return float(value) if value else None
 
 
 @dataclass
@@ -77,11 +87,50 @@ class PEARPatchState:
     chunk_size: Optional[int] = None
     backend: Optional[str] = None
     require_behavior_logprobs: bool = True
+    # distillation from stored teacher top-k (used when the batch carries teacher_ids /
+    # teacher_logprobs): keyword arguments of fused_pear_distill_loss (tail, hard_weight)
+    distill: Optional[Dict[str, Any]] = None
+
+
+def _effective_forward(model):
+    if isinstance(model, nn.Module):
+        f = model.__dict__.get("forward")
+        if f is None:
+            f = type(model).forward
+    else:
+        f = getattr(model, "forward", None)
+    return getattr(f, "__func__", f)
 
 
 def pear_state(model) -> Optional[PEARPatchState]:
-    """The patch state of a model instance or class, or None if it is not patched."""
-    return getattr(model, _STATE_ATTR, None)
+    """The patch state of a model instance or class, or None if it is not patched.
+
+    A model whose forward was replaced after the PEAR patch (for instance by Liger-Kernel's
+    ``apply_liger_kernel_to_*(fused_linear_cross_entropy=True)``, which swaps in its own
+    forward) is *not* patched any more, whatever state it still carries: it would compute
+    plain cross-entropy and ignore behavior_logprobs. Applying the PEAR patch again (the
+    trainers do) puts the PEAR forward back on top, keeping Liger's module patches (RMSNorm,
+    RoPE, SwiGLU) underneath.
+    """
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return None
+    if not getattr(_effective_forward(model), "_pear_patched", False):
+        return None
+    return state
+
+
+def require_pear_forward(model) -> None:
+    """Raise if ``model`` (PEFT-unwrapped) no longer runs the PEAR forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") and callable(model.get_base_model) else model
+    base = getattr(base, "module", base)  # DDP/accelerate wrappers
+    if getattr(base, _STATE_ATTR, None) is not None and pear_state(base) is None:
+        raise RuntimeError(
+            "the model's PEAR forward was replaced after apply_pear_kernel (e.g. by Liger-Kernel's "
+            "apply_liger_kernel_to_*(fused_linear_cross_entropy=True)): it would train with plain "
+            "cross-entropy. Apply the PEAR patch last (apply_pear_kernel(model) again), or pass "
+            "fused_linear_cross_entropy=False to Liger"
+        )
 
 
 def _check_logits_are_linear(config) -> None:
@@ -90,7 +139,7 @@ def _check_logits_are_linear(config) -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
         value = getattr(text, name, None)
-        if value is not None and value != 1.0 and not (name == "final_logit_softcapping" and value == 0):
+        if value is not None and value != 1.0:
             raise ValueError(
                 f"cannot apply the fused PEAR loss: the model's config sets {name}={value!r}, so its logits "
                 "are not hidden @ lm_head.weight^T (+ bias) and the fused loss would compute a different model"
@@ -152,8 +201,18 @@ def _pear_loss_from_hidden(
     num_items_in_batch,
     ignore_index: int,
     state: PEARPatchState,
+    teacher: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, Any]:
     B, T, _ = hidden_states.shape
+    if teacher is not None:
+        t_ids, t_lp = teacher
+        if not (torch.is_tensor(t_ids) and torch.is_tensor(t_lp)) or t_ids.dim() != 3 or tuple(t_ids.shape[:2]) != (B, T) \
+                or t_lp.shape != t_ids.shape:
+            raise ValueError(
+                f"teacher_ids and teacher_logprobs must be (B, T, K) aligned with input_ids {(B, T)}, got "
+                f"{tuple(getattr(t_ids, 'shape', ()))} and {tuple(getattr(t_lp, 'shape', ()))}"
+            )
+        t_ids, t_lp = t_ids.to(hidden_states.device), t_lp.to(hidden_states.device)
     if behavior_logprobs is None:
         if state.config.variant is not Variant.NONE:
             raise ValueError(
@@ -175,6 +234,7 @@ def _pear_loss_from_hidden(
         if tuple(shift_labels.shape) != (B, T):
             raise ValueError(f"shift_labels must have shape {(B, T)}, got {tuple(shift_labels.shape)}")
         h, y, lb = hidden_states, shift_labels.to(hidden_states.device), behavior_logprobs
+        tt = (t_ids, t_lp) if teacher is not None else None
         ids = packed
     else:
         if tuple(labels.shape) != (B, T):
@@ -182,6 +242,8 @@ def _pear_loss_from_hidden(
         labels = labels.to(hidden_states.device)
         # position i predicts token i + 1: drop the last hidden state and the first label / log-prob
         h, y, lb = hidden_states[:, :-1], labels[:, 1:], behavior_logprobs[:, 1:]
+        # the teacher's top-k at input position i + 1 is what hidden state i is trained on
+        tt = (t_ids[:, 1:], t_lp[:, 1:]) if teacher is not None else None
         ids = None
         if packed is not None:
             # a pair (i -> i + 1) that crosses into the next packed sequence is not a prediction
@@ -193,7 +255,9 @@ def _pear_loss_from_hidden(
         temperature=state.temperature,
         num_items_in_batch=num_items_in_batch,
         ignore_index=ignore_index,
-        return_stats=True,
+        # inside torch.compile the loss is one custom op returning the loss alone (no stats)
+        return_stats=not torch.compiler.is_compiling(),
+        softcap=_logit_softcap(getattr(self, "config", None)),
         chunk_size=state.chunk_size,
         backend=state.backend,
     )
@@ -212,6 +276,22 @@ def _pear_loss_from_hidden(
         yy, ll = y.to(weight.device), lb.to(device=weight.device)
         ll = ll.to(torch.float32) if ll.dtype in (torch.float16, torch.bfloat16) else ll
         with torch.autocast(device_type, enabled=False):
+            if tt is not None:
+                from ..distill import fused_pear_distill_loss
+
+                dopts = dict(config=opts["config"], temperature=opts["temperature"],
+                             num_items_in_batch=opts["num_items_in_batch"], ignore_index=ignore_index,
+                             return_stats=opts["return_stats"], chunk_size=opts["chunk_size"],
+                             **(state.distill or {}))
+                ti, tl = tt[0].to(weight.device), tt[1].to(device=weight.device, dtype=torch.float32)
+                if ids is not None:
+                    cu = _cu_seqlens(ids.reshape(-1).to(weight.device))
+                    K = ti.shape[-1]
+                    return fused_pear_distill_loss(
+                        hid.reshape(-1, hid.shape[-1]), weight, yy.reshape(-1), ll.reshape(-1),
+                        ti.reshape(-1, K), tl.reshape(-1, K), bias=bias, cu_seqlens=cu, **dopts,
+                    )
+                return fused_pear_distill_loss(hid, weight, yy, ll, ti, tl, bias=bias, **dopts)
             if ids is not None:
                 cu = _cu_seqlens(ids.reshape(-1).to(weight.device))
                 return fused_pear_loss(
@@ -229,7 +309,7 @@ def _make_forward(original):
     sig = inspect.signature(original)
 
     @functools.wraps(original)
-    def pear_forward(self, *args, behavior_logprobs=None, **kwargs):
+    def pear_forward(self, *args, behavior_logprobs=None, teacher_ids=None, teacher_logprobs=None, **kwargs):
         state: PEARPatchState = pear_state(self)
         named, extra = _bind(sig, self, args, kwargs)
         labels = named.pop("labels", None)
@@ -252,28 +332,31 @@ def _make_forward(original):
         backbone = getattr(self, self.base_model_prefix)
         outputs = backbone(**named, **extra)
         hidden_states = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-        loss, stats = _pear_loss_from_hidden(
+        result = _pear_loss_from_hidden(
             self, hidden_states, labels, shift_labels, behavior_logprobs,
             named.get("position_ids", extra.get("position_ids")), extra.get("seq_idx"),
             extra.get("cu_seq_lens_q"), num_items, ignore_index, state,
+            teacher=(teacher_ids, teacher_logprobs) if teacher_ids is not None or teacher_logprobs is not None else None,
         )
+        loss, stats = result if isinstance(result, tuple) else (result, None)
         out = PEARCausalLMOutput(
             loss=loss,
             logits=None,
             past_key_values=getattr(outputs, "past_key_values", None),
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
-            pear_metrics=_stat_scalars(stats),
+            pear_metrics=_stat_scalars(stats) if stats is not None else None,
         )
         return out.to_tuple() if return_dict is False else out
 
     params = list(sig.parameters.values())
-    new = inspect.Parameter("behavior_logprobs", inspect.Parameter.KEYWORD_ONLY, default=None)
+    new = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+           for n in ("behavior_logprobs", "teacher_ids", "teacher_logprobs")]
     var_kw = [i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD]
     if var_kw:
-        params.insert(var_kw[0], new)
+        params[var_kw[0]:var_kw[0]] = new
     else:
-        params.append(new)
+        params.extend(new)
     pear_forward.__signature__ = sig.replace(parameters=params)
     del pear_forward.__wrapped__  # inspect must read __signature__, not the original's
     pear_forward._pear_patched = True
@@ -330,6 +413,7 @@ def apply_pear_kernel(
     temperature: float = 1.0,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
+    distill: Optional[Dict[str, Any]] = None,
     **overrides,
 ):
     """Make ``model`` train with the fused PEAR loss; returns ``model``.
@@ -340,7 +424,12 @@ def apply_pear_kernel(
     ``config``/``overrides``: the PEARConfig (and field overrides). ``temperature`` divides the
     logits; ``chunk_size`` and ``backend`` go to fused_pear_loss. Applying again replaces the
     settings; ``remove_pear_kernel`` restores the original forward.
+    ``distill``: settings of fused_pear_distill_loss ({"tail": ..., "hard_weight": ...}) used
+    when a batch carries ``teacher_ids``/``teacher_logprobs`` (aligned with input_ids).
     """
+    if distill is not None:
+        if not isinstance(distill, dict) or set(distill) - {"tail", "hard_weight", "kl"}:
+            raise ValueError(f"distill must be a dict with keys among tail, hard_weight, kl; got {distill!r}")
     cls = _causal_lm_class(model)
     if config is not None and not isinstance(config, PEARConfig):
         raise TypeError(f"config must be a PEARConfig, got {type(config).__name__}")
@@ -368,7 +457,7 @@ def apply_pear_kernel(
             original = pear_state(cls).original_forward
     state = PEARPatchState(
         config=config, original_forward=original, patched_instance=isinstance(model, nn.Module),
-        temperature=float(temperature), chunk_size=chunk_size, backend=backend,
+        temperature=float(temperature), chunk_size=chunk_size, backend=backend, distill=distill,
     )
     forward = _make_forward(original)
     if isinstance(model, nn.Module):

@@ -58,7 +58,8 @@ def tiny_causal_lm(
     tie_word_embeddings: bool = False,
     vocab_size: Optional[int] = None,
 ):
-    """A randomly initialised tiny causal LM (``arch``: qwen2, qwen3 or llama), float32, eager attention."""
+    """A randomly initialised tiny causal LM (``arch``: qwen2, qwen3, llama, gemma2 or gemma3),
+    float32, eager attention. The Gemma ones soft-cap their logits (final_logit_softcapping)."""
     import transformers
 
     if vocab_size is None:
@@ -74,11 +75,16 @@ def tiny_causal_lm(
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3": (getattr(transformers, "Gemma3TextConfig", None), getattr(transformers, "Gemma3ForCausalLM", None)),
     }
     if arch not in classes:
         raise ValueError(f"arch must be one of {sorted(classes)}, got {arch!r}")
     config_cls, model_cls = classes[arch]
-    extra = {"head_dim": hidden_size // 4} if arch == "qwen3" else {}
+    extra = {"head_dim": hidden_size // 4} if arch in ("qwen3", "gemma2", "gemma3") else {}
+    if arch.startswith("gemma"):
+        # a small cap, so the soft-capping visibly changes the logits of a tiny model
+        extra.update(final_logit_softcapping=2.0, query_pre_attn_scalar=hidden_size // 4, sliding_window=64)
     config = config_cls(**common, **extra)
     config._attn_implementation = "eager"
     with torch.random.fork_rng():

@@ -21,7 +21,7 @@ from transformers import Trainer
 
 from ..config import PEARConfig
 from .collator import PEARDataCollator
-from .patch import apply_pear_kernel, pear_state
+from .patch import apply_pear_kernel, pear_state, require_pear_forward
 
 __all__ = ["PEARTrainer", "PEARMetrics", "check_loss_not_replaced", "default_pear_collator", "prepare_pear_model"]
 
@@ -58,13 +58,18 @@ class PEARMetrics:
         return out
 
 
-def prepare_pear_model(model, pear_config: Optional[PEARConfig]):
-    """Patch the (PEFT-unwrapped) model if it is not patched yet; a given config replaces the old one."""
+def prepare_pear_model(model, pear_config: Optional[PEARConfig], distill: Optional[dict] = None):
+    """Patch the (PEFT-unwrapped) model if it is not patched yet; a given config (or
+    distillation setting) replaces the old one."""
     base = model
     if hasattr(model, "get_base_model") and callable(model.get_base_model):
         base = model.get_base_model()
-    if pear_state(base) is None or pear_config is not None:
-        apply_pear_kernel(base, pear_config)
+    state = pear_state(base)
+    if state is None or pear_config is not None or distill is not None:
+        if distill is None and state is not None:
+            distill = state.distill
+        apply_pear_kernel(base, pear_config if pear_config is not None else (state.config if state else None),
+                          distill=distill)
     return model
 
 
@@ -97,17 +102,29 @@ class PEARTrainer(Trainer):
     """Trainer for PEAR SFT. ``pear_config`` patches the model (default PEARConfig())."""
 
     def __init__(self, model=None, args=None, data_collator=None, *, pear_config: Optional[PEARConfig] = None,
-                 **kwargs):
+                 distill_config: Optional[dict] = None, **kwargs):
+        """``distill_config``: {"tail": "renormalize" | "bucket", "hard_weight": lam} for data
+        carrying the teacher's stored top-k (``collect --top-k``): the model then trains with
+        fused_pear_distill_loss instead of the PEAR SFT loss."""
         if model is None:
             raise ValueError("PEARTrainer needs a model instance (a *ForCausalLM)")
-        prepare_pear_model(model, pear_config)
+        prepare_pear_model(model, pear_config, distill_config)
         if data_collator is None:
             data_collator = default_pear_collator(kwargs.get("processing_class"), model)
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
         check_loss_not_replaced(self)
         self._pear_metrics = PEARMetrics()
 
+    def _set_signature_columns_if_needed(self):
+        # the columns come from the forward's signature: keep behavior_logprobs even when a later
+        # patch replaced the forward, so compute_loss can say what happened
+        super()._set_signature_columns_if_needed()
+        for c in ("behavior_logprobs", "teacher_ids", "teacher_logprobs"):
+            if c not in self._signature_columns:
+                self._signature_columns.append(c)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        require_pear_forward(model)  # a later patch (Liger's fused CE) must not silently win
         if model.training and "labels" in inputs and "behavior_logprobs" not in inputs:
             raise KeyError(
                 "the batch has no 'behavior_logprobs': use PEARDataCollator and a data set from "

@@ -35,6 +35,7 @@ except ImportError as exc:  # pragma: no cover
 import torch
 
 from ..config import PEARConfig
+from .patch import require_pear_forward
 from .trainer import (
     PEARMetrics,
     _sum_across,
@@ -96,6 +97,13 @@ class PEARSFTTrainer(SFTTrainer):
             raise ValueError("loss_type='dft' replaces the loss; it cannot be combined with PEAR")
         if args.label_smoothing_factor > 0:
             raise ValueError("label_smoothing_factor > 0 replaces the model's loss; it cannot be combined with PEAR")
+        # a PEARDataset (load_pear_dataset's result) is accepted as it is: TRL wants a datasets.Dataset
+        from .data import PEARDataset
+
+        if isinstance(train_dataset, PEARDataset):
+            train_dataset = train_dataset.to_hf_dataset()
+        if isinstance(eval_dataset, PEARDataset):
+            eval_dataset = eval_dataset.to_hf_dataset()
         for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             cols = _columns(ds)
             if cols is not None and not all(c in cols for c in _REQUIRED_COLUMNS):
@@ -117,6 +125,9 @@ class PEARSFTTrainer(SFTTrainer):
             data_collator = default_pear_collator(processing_class, model, padding_free=padding_free)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        # TRL's use_liger_kernel=True applies Liger inside __init__, after the patch above: put
+        # the PEAR forward back on top (Liger's RMSNorm/RoPE/SwiGLU module patches stay)
+        prepare_pear_model(self.model, pear_config)
         check_loss_not_replaced(self)
         self._pear_metrics = PEARMetrics()
 
@@ -127,6 +138,7 @@ class PEARSFTTrainer(SFTTrainer):
                 self._signature_columns.append(c)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        require_pear_forward(model)  # a later patch (Liger's fused CE) must not silently win
         mode = "train" if self.model.training else "eval"
         if model.training and "behavior_logprobs" not in inputs:
             raise KeyError("the batch has no 'behavior_logprobs': use PEARDataCollator (the default here)")

@@ -21,6 +21,7 @@ LOSSES maps a name to one forward + backward of a PEAR loss on the same inputs:
     torch_lce_matched  the same with batch_chunk_size = the fused loss's chunk rows
     liger       Liger-Kernel's fused linear cross-entropy (Triton; the interpreter on CPU)
     cce_compile cut-cross-entropy's torch_compile implementation
+    flash_attn_ce flash-attn's Triton cross-entropy on materialised logits (GPU; the interpreter on CPU)
 
 The peers compute per-token cross-entropy (reduction="none", so their backward folds a
 per-token factor into dlogits before dW is summed); the PEAR weights are then computed from
@@ -131,7 +132,7 @@ def make_inputs(case: Case):
 
 
 def _fused(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
-    from . import fused_pear_loss
+    from pear_kernels import fused_pear_loss
 
     return fused_pear_loss(
         hidden, weight, labels, behavior, cu_seqlens=cu, variant=variant, chunk_size=chunk_size
@@ -142,8 +143,8 @@ def _fused_on(backend):
     """The fused loss pinned to one backend (e.g. the native row pass against the torch one)."""
 
     def run(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
-        from . import fused_pear_loss
-        from .kernels import native_cpu
+        from pear_kernels import fused_pear_loss
+        from pear_kernels.kernels import native_cpu
 
         if backend == "native" and not native_cpu.available():
             raise PeerUnavailable(str(native_cpu.unavailable_reason()))
@@ -156,7 +157,7 @@ def _fused_on(backend):
 
 
 def _naive(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
-    from . import reference_pear_loss
+    from pear_kernels import reference_pear_loss
 
     return reference_pear_loss(hidden, weight, labels, behavior, cu_seqlens=cu, variant=variant)
 
@@ -167,7 +168,7 @@ def _pear_from_token_ce(token_ce, labels, behavior, cu, variant):
     The log-ratio is logp_theta - logp_beta = -ce - logp_beta, detached (the weight carries no
     gradient); the normalizer is the number of supervised tokens, as in fused_pear_loss.
     """
-    from .weights import pear_weights
+    from pear_kernels.weights import pear_weights
 
     mask = labels != IGNORE_INDEX
     log_ratio = -token_ce.detach().to(torch.float64) - behavior.to(torch.float64)
@@ -183,7 +184,7 @@ def _torch_lce(hidden, weight, labels, behavior, cu, variant, chunk_size=None, m
     from torch.nn import LinearCrossEntropyOptions
 
     if matched:
-        from .kernels.problem import default_chunk_size
+        from pear_kernels.kernels.problem import default_chunk_size
 
         rows = chunk_size or default_chunk_size(weight.shape[0], hidden.element_size())
         options = LinearCrossEntropyOptions(batch_chunk_size=rows)
@@ -231,6 +232,117 @@ def _cce_compile(hidden, weight, labels, behavior, cu, variant, chunk_size=None)
     return _pear_from_token_ce(ce.to(hidden.dtype), labels, behavior, cu, variant)
 
 
+FLASH_ATTN_INSTALL = (
+    "FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE "
+    "pip install --no-build-isolation --no-deps flash-attn"
+)
+
+
+def load_flash_attn_cross_entropy():
+    """flash-attn's Triton cross-entropy module, loaded by file path: ``import flash_attn``
+    loads its CUDA extension, which a Python-files-only install (no GPU build) lacks, while
+    flash_attn/ops/triton/cross_entropy.py needs only torch and triton."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("flash_attn")
+    if spec is None or not spec.submodule_search_locations:
+        raise PeerUnavailable(f"flash-attn is not installed (Python files only: {FLASH_ATTN_INSTALL})")
+    path = os.path.join(spec.submodule_search_locations[0], "ops", "triton", "cross_entropy.py")
+    if not os.path.isfile(path):
+        raise PeerUnavailable(f"this flash-attn has no {path}")
+    mod_spec = importlib.util.spec_from_file_location("flash_attn_triton_cross_entropy", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def _cuda_device_noop_for_cpu(tensor):
+    """flash-attn enters torch.cuda.device(logits.device.index), which fails for a CPU tensor
+    (index None) under the interpreter: make it a no-op there, for the duration of the call."""
+    if tensor.device.type != "cpu":
+        yield
+        return
+    real = torch.cuda.device
+
+    class _Noop:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    torch.cuda.device = _Noop
+    try:
+        yield
+    finally:
+        torch.cuda.device = real
+
+
+def flash_attn_cross_entropy(logits, labels, **kwargs):
+    """flash_attn.ops.triton.cross_entropy.cross_entropy_loss, runnable on CPU tensors under
+    TRITON_INTERPRET=1; returns (losses, z_losses) per token."""
+    module = load_flash_attn_cross_entropy()
+    with _cuda_device_noop_for_cpu(logits):
+        return module.cross_entropy_loss(logits, labels, **kwargs)
+
+
+def _flash_attn_ce(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+    """flash-attn's Triton cross-entropy (materialised logits; its tensor-parallel
+    process_group splits the vocabulary like our vocab_parallel_group) + PEAR weights."""
+    if hidden.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise PeerUnavailable("flash-attn's kernels are Triton: on CPU they run only with TRITON_INTERPRET=1")
+    logits = (hidden @ weight.t()).float()
+    ce, _ = flash_attn_cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    return _pear_from_token_ce(ce.to(hidden.dtype), labels, behavior, cu, variant)
+
+
+DISTILL_TOP_K = 8
+_TEACHER_CACHE: Dict = {}
+
+
+def _teacher_topk(labels, vocab: int):
+    """Deterministic stand-in teacher top-k (ids, log-probs) for the distillation cases, built
+    once per shape (outside the timed region after the first call)."""
+    key = (labels.numel(), vocab)
+    if key not in _TEACHER_CACHE:
+        g = torch.Generator().manual_seed(7)
+        n = labels.numel()
+        ids = torch.stack([torch.randperm(vocab, generator=g)[:DISTILL_TOP_K] for _ in range(min(n, 64))])
+        ids = ids.repeat((n + 63) // 64, 1)[:n]
+        lq = torch.log_softmax(torch.randn(n, DISTILL_TOP_K + 1, generator=g), -1)[:, :DISTILL_TOP_K]
+        _TEACHER_CACHE[key] = (ids.to(labels.device), lq.to(labels.device))
+    return _TEACHER_CACHE[key]
+
+
+def _distill_fused(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+    from pear_kernels import fused_pear_distill_loss
+
+    ids, lq = _teacher_topk(labels, weight.shape[0])
+    return fused_pear_distill_loss(hidden, weight, labels, behavior, ids, lq, cu_seqlens=cu, variant=variant,
+                                   chunk_size=chunk_size, tail="bucket")
+
+
+def _distill_naive(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+    """Materialised logits: log_softmax, gather the teacher's top-k, bucket KL, PEAR weights."""
+    from pear_kernels.weights import pear_weights
+
+    ids, lq = _teacher_topk(labels, weight.shape[0])
+    s = torch.log_softmax((hidden @ weight.t()).float(), -1)
+    mask = labels != IGNORE_INDEX
+    s_top = s.gather(1, ids)
+    q = lq.exp()
+    r = (1 - q.sum(1)).clamp(min=0)
+    rest = (1 - s_top.exp().sum(1)).clamp(min=1e-12)
+    kl = (q * (lq - s_top)).sum(1) + r * (torch.log(r.clamp(min=1e-30)) - torch.log(rest))
+    log_ratio = s.gather(1, labels.clamp(min=0)[:, None]).squeeze(1).detach().double() - behavior.double()
+    w = pear_weights(log_ratio, mask, cu_seqlens=cu, variant=variant)
+    return (w.to(kl.dtype) * kl * mask).sum() / mask.sum().clamp(min=1)
+
+
 def _floor(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
     """The matmuls of the fused loss alone, on the same chunks, into the same gradient buffers.
 
@@ -238,7 +350,7 @@ def _floor(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
     dlogits). Sequence: one more logits matmul per chunk (the log-prob pre-pass) when the
     supervised tokens do not fit one chunk, as in the fused path.
     """
-    from .kernels.problem import default_chunk_size
+    from pear_kernels.kernels.problem import default_chunk_size
 
     mask = labels != IGNORE_INDEX
     idx = mask.nonzero().squeeze(1)
@@ -283,6 +395,9 @@ LOSSES: Dict[str, Callable] = {
     "torch_lce_matched": _torch_lce_matched,
     "liger": _liger,
     "cce_compile": _cce_compile,
+    "flash_attn_ce": _flash_attn_ce,
+    "distill_fused": _distill_fused,
+    "distill_naive": _distill_naive,
 }
 
 # Matmuls of the size (tokens x H x V) that each variant's fused path does.
@@ -476,7 +591,7 @@ def crosscheck(case: Case, names) -> Dict[str, Dict]:
     Returns name -> {"loss_err", "dh_err", "dw_err"} (max abs error over max abs value) or
     {"status": "unavailable", "reason"}. Run it at small shapes.
     """
-    from . import reference_pear_loss
+    from pear_kernels import reference_pear_loss
 
     hidden, weight, labels, behavior, cu = make_inputs(case)
     h64 = hidden.detach().double().requires_grad_(True)

@@ -1,0 +1,133 @@
+"""Loss options the peers have (softcap, z-loss, label smoothing, return_lse, shift), against
+the direct-loop oracle (tests/oracle.py), values and gradients, and the backends' contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pear_kernels import fused_pear_loss
+
+from .oracle import oracle_loss
+
+
+def _problem(seed=0, n=21, h=10, v=29, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype) * 2
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(v, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[0, 7, 8]] = -100
+    behavior = -torch.rand(n, generator=g, dtype=torch.float64) * 3
+    return hidden, weight, bias, labels, behavior, torch.tensor([0, 9, 21])
+
+
+OPTIONS = [
+    dict(softcap=3.0),
+    dict(lse_square_scale=1e-2),
+    dict(label_smoothing=0.1),
+    dict(softcap=2.5, lse_square_scale=3e-3, label_smoothing=0.2),
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("variant", ["token", "sequence", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_options_match_oracle(opts, variant, reduction):
+    hidden, weight, bias, labels, behavior, cu = _problem()
+    kw = dict(variant=variant, cu_seqlens=cu, temperature=0.8, reduction=reduction, **opts)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss = fused_pear_loss(leaves[0], leaves[1], labels, behavior, bias=leaves[2], chunk_size=4, **kw)
+    up = torch.linspace(0.3, 1.7, loss.numel()).reshape(loss.shape).double() if reduction == "none" else 1.0
+    (loss * up).sum().backward()
+    ref_leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    ref, _ = oracle_loss(ref_leaves[0], ref_leaves[1], labels, behavior, bias=ref_leaves[2], **kw)
+    (ref * up).sum().backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-11)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_label_smoothing_plain_sft_equals_torch_cross_entropy():
+    hidden, weight, _, labels, behavior, _ = _problem(dtype=torch.float32)
+    ours = fused_pear_loss(hidden, weight, labels, behavior, variant="none", label_smoothing=0.15)
+    ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, label_smoothing=0.15)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_z_loss_and_lse_returned_apart():
+    hidden, weight, _, labels, behavior, _ = _problem()
+    loss, z, lse = fused_pear_loss(hidden, weight, labels, behavior, lse_square_scale=0.01,
+                                   return_z_loss=True, return_lse=True)
+    plain = fused_pear_loss(hidden, weight, labels, behavior)
+    mask = labels != -100
+    want_lse = torch.logsumexp(hidden @ weight.t(), -1)
+    torch.testing.assert_close(lse[mask].double(), want_lse[mask], rtol=1e-6, atol=1e-6)
+    assert (lse[~mask] == 0).all()
+    want_z = 0.01 * (want_lse[mask] ** 2).mean()
+    torch.testing.assert_close(z, want_z)
+    torch.testing.assert_close(loss, plain + want_z)
+    # with stats too: (loss, z, stats) in that order
+    out = fused_pear_loss(hidden, weight, labels, behavior, lse_square_scale=0.01, return_z_loss=True,
+                          return_stats=True)
+    assert len(out) == 3 and hasattr(out[2], "ess")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_shift_equals_shifting_by_hand(packed):
+    g = torch.Generator().manual_seed(5)
+    if packed:
+        hidden = torch.randn(13, 6, generator=g, dtype=torch.float64)
+        ids = torch.randint(0, 17, (13,), generator=g)
+        cu = torch.tensor([0, 5, 13])
+        beh = -torch.rand(13, generator=g, dtype=torch.float64)
+        # by hand: inside each segment, position i predicts i + 1
+        h_hand = torch.cat([hidden[0:4], hidden[5:12]])
+        y_hand = torch.cat([ids[1:5], ids[6:13]])
+        b_hand = torch.cat([beh[1:5], beh[6:13]])
+        cu_hand = torch.tensor([0, 4, 11])
+    else:
+        hidden = torch.randn(2, 7, 6, generator=g, dtype=torch.float64)
+        ids = torch.randint(0, 17, (2, 7), generator=g)
+        cu = None
+        beh = -torch.rand(2, 7, generator=g, dtype=torch.float64)
+        h_hand, y_hand, b_hand, cu_hand = hidden[:, :-1], ids[:, 1:], beh[:, 1:], None
+    weight = torch.randn(17, 6, generator=g, dtype=torch.float64)
+    ours = fused_pear_loss(hidden, weight, ids, beh, cu_seqlens=cu, shift=True)
+    hand = fused_pear_loss(h_hand.contiguous(), weight, y_hand, b_hand, cu_seqlens=cu_hand)
+    torch.testing.assert_close(ours, hand)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_forced_backend_without_the_option_is_refused(backend):
+    hidden, weight, _, labels, behavior, _ = _problem(dtype=torch.float32)
+    with pytest.raises(ValueError, match="softcap"):
+        fused_pear_loss(hidden, weight, labels, behavior, softcap=30.0, backend=backend)
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(softcap=0.0), "softcap"), (dict(softcap=float("nan")), "softcap"),
+    (dict(lse_square_scale=-1.0), "lse_square_scale"), (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(label_smoothing="0.1"), "label_smoothing"),
+])
+def test_bad_option_values_are_named(kw, name):
+    hidden, weight, _, labels, behavior, _ = _problem(dtype=torch.float32)
+    with pytest.raises((ValueError, TypeError), match=name):
+        fused_pear_loss(hidden, weight, labels, behavior, **kw)
+
+
+def test_16bit_inputs_return_float32():
+    hidden, weight, _, labels, behavior, _ = _problem(dtype=torch.bfloat16)
+    assert fused_pear_loss(hidden, weight, labels, behavior).dtype == torch.float32
+    assert fused_pear_loss(hidden, weight, labels, behavior, softcap=5.0).dtype == torch.float32
+
+
+def test_reference_loss_takes_the_same_options():
+    from pear_kernels import reference_pear_loss
+
+    hidden, weight, bias, labels, behavior, cu = _problem()
+    opts = dict(softcap=2.0, lse_square_scale=0.01, label_smoothing=0.1, variant="block", block_size=2)
+    ref = reference_pear_loss(hidden, weight, labels, behavior, bias=bias, cu_seqlens=cu, **opts)
+    want, _ = oracle_loss(hidden, weight, labels, behavior, bias=bias, cu_seqlens=cu, **opts)
+    torch.testing.assert_close(ref, want)
