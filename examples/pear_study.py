@@ -296,6 +296,9 @@ def report(data_dir, n_seeds=8):
     if bases:
         lines.append(f"\nbase checkpoints own-style pass@1: " + ", ".join(
             f"seed {s} {b['eval']['pass@1']:.3f}" for s, b in sorted(bases.items())))
+        lines.append("PEAR token weight at the base checkpoint, shuffled / natural teacher traces: " + ", ".join(
+            f"seed {s} {b['probe']['w_shuffled'] / b['probe']['w_natural']:.2f}" for s, b in sorted(bases.items())
+            if b["probe"]["w_natural"] and b["probe"]["w_shuffled"]))
     # premise: longer plain SFT -> lower teacher-trace loss but worse post-RL pass@1?
     if len(budgets) > 1:
         lo, hi = budgets[0], budgets[-1]
@@ -348,7 +351,8 @@ def plots(data_dir, out_dir):
         if ws:
             ax.hist(ws, bins=20, alpha=0.6, label=f"{style}-order traces")
     ax.set_xlabel("mean PEAR token weight per piece (after SFT, teacher traces)")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     files.append(os.path.join(out_dir, "study_weights_by_style.png"))
     fig.savefig(files[-1], dpi=120)
