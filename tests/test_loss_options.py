@@ -20,7 +20,7 @@ def _problem(seed=0, n=21, h=10, v=29, dtype=torch.float64):
     labels = torch.randint(0, v, (n,), generator=g)
     labels[[0, 7, 8]] = -100
     behavior = -torch.rand(n, generator=g, dtype=torch.float64) * 3
-    return hidden, weight, bias, labels, behavior, torch.tensor([0, 9, 21])
+    return hidden, weight, bias, labels, behavior, torch.tensor([0, 9, n])
 
 
 OPTIONS = [
@@ -31,14 +31,28 @@ OPTIONS = [
 ]
 
 
+def _native_with_options():
+    from pear_kernels.kernels import native_cpu
+
+    if not native_cpu.supports_options():
+        pytest.skip("the native extension is not built (or predates the loss options)")
+
+
+CPU_BACKENDS = ["torch", "native"]
+
+
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o))
 @pytest.mark.parametrize("variant", ["token", "sequence", "none"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_options_match_oracle(opts, variant, reduction):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_options_match_oracle(opts, variant, reduction, backend):
+    if backend == "native":
+        _native_with_options()
     hidden, weight, bias, labels, behavior, cu = _problem()
     kw = dict(variant=variant, cu_seqlens=cu, temperature=0.8, reduction=reduction, **opts)
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    loss = fused_pear_loss(leaves[0], leaves[1], labels, behavior, bias=leaves[2], chunk_size=4, **kw)
+    loss = fused_pear_loss(leaves[0], leaves[1], labels, behavior, bias=leaves[2], chunk_size=4,
+                           backend=backend, **kw)
     up = torch.linspace(0.3, 1.7, loss.numel()).reshape(loss.shape).double() if reduction == "none" else 1.0
     (loss * up).sum().backward()
     ref_leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
@@ -99,11 +113,52 @@ def test_shift_equals_shifting_by_hand(packed):
     torch.testing.assert_close(ours, hand)
 
 
-@pytest.mark.parametrize("backend", ["native", "triton"])
-def test_forced_backend_without_the_option_is_refused(backend):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_options_16bit_and_float32_against_float64_oracle(backend, dtype):
+    """Gemma's softcap 30 with logits large enough to saturate tanh (the C++ pass uses a
+    rational tanh in float), plus z-loss and smoothing, 16-bit and fp32 inputs; the expected
+    values are the float64 oracle on the same (rounded) inputs."""
+    if backend == "native":
+        _native_with_options()
+    hidden, weight, bias, labels, behavior, cu = _problem(seed=3, n=37, h=16, v=61)
+    hidden = hidden * 6  # raw logits up to ~100: tanh(r / 30) saturates on many columns
+    hidden, weight, bias = (t.to(dtype) for t in (hidden, weight, bias))
+    opts = dict(softcap=30.0, lse_square_scale=1e-3, label_smoothing=0.1, variant="block", block_size=3,
+                cu_seqlens=cu)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss = fused_pear_loss(leaves[0], leaves[1], labels, behavior, bias=leaves[2], chunk_size=5,
+                           backend=backend, **opts)
+    loss.backward()
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    ref, _ = oracle_loss(ref_leaves[0], ref_leaves[1], labels, behavior, bias=ref_leaves[2], **opts)
+    ref.backward()
+    assert loss.dtype == torch.float32
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(loss.double(), ref, **tol)
+    for a, b in zip(leaves, ref_leaves):
+        assert a.grad.dtype == dtype
+        scale = b.grad.abs().max()
+        torch.testing.assert_close(a.grad.double() / scale, b.grad / scale, **tol)
+
+
+def test_native_build_without_options_auto_falls_back_and_forced_is_refused(monkeypatch):
+    """An extension built from an older csrc/ lacks the option passes: "auto" must not pick it
+    for an option, and a forced backend='native' must say which options it lacks."""
+    from pear_kernels.kernels import native_cpu, torch_chunked
+    from pear_kernels.ops import dispatch
+
+    if not native_cpu.available():
+        pytest.skip("the native extension is not built")
+    monkeypatch.setattr(native_cpu, "supports_options", lambda: False)
+    assert dispatch.select_backend("cpu", "auto", 10, options=True) is torch_chunked
+    assert dispatch.select_backend("cpu", "auto", 10, options=False) is native_cpu
     hidden, weight, _, labels, behavior, _ = _problem(dtype=torch.float32)
     with pytest.raises(ValueError, match="softcap"):
-        fused_pear_loss(hidden, weight, labels, behavior, softcap=30.0, backend=backend)
+        fused_pear_loss(hidden, weight, labels, behavior, softcap=30.0, backend="native")
+    got = fused_pear_loss(hidden, weight, labels, behavior, softcap=30.0)
+    want, _ = oracle_loss(hidden, weight, labels, behavior, softcap=30.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kw,name", [

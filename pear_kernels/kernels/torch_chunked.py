@@ -221,7 +221,10 @@ def _row_math(problem: PEARProblem):
     if problem.vocab_parallel is not None:
         return problem.vocab_parallel
     if problem.options.active or problem.want_lse:
-        return OptionRows(problem.options, problem.temperature)
+        # a backend may bring its own OptionRows subclass (native_cpu: the C++ row passes)
+        rm = problem.row_math
+        cls = rm if isinstance(rm, type) and issubclass(rm, OptionRows) else OptionRows
+        return cls(problem.options, problem.temperature)
     return problem.row_math if problem.row_math is not None else LocalRows
 
 
