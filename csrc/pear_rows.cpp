@@ -142,9 +142,21 @@ inline float tanh_poly(float x) {
 
 inline double tanh_poly(double x) { return std::tanh(x); }  // float64 serves oracles: exact libm
 
+// 1 - tanh^2(x) = sech^2(x) = 4 e / (1 + e)^2 with e = exp(-2|x|): accurate to a few ulp
+// relative everywhere, where 1 - t^2 of a rounded t is not once tanh saturates (|x| > ~4:
+// float tanh(12) is 1, so 1 - t^2 = 0 instead of 1.5e-10; at the rational's clamp it would be
+// 5e-7). e underflows to 0 past |x| ~ 44, where sech^2 < 1e-38.
+template <typename T>
+inline T sech2(T x) {
+  const T ax = x < T(0) ? -x : x;
+  const T e = exp_poly(T(-2) * ax);
+  const T one_e = T(1) + e;
+  return T(4) * e / (one_e * one_e);
+}
+
 // The loss options' row statistics (softcap, label smoothing's mean logit, the logsumexp for
 // the z-loss and return_lse), on z = r / T with r the raw logits h W^T + b:
-//   softcap (dcap defined):  t = tanh(z * cap_in),  z <- t * cap_out,  dcap <- 1 - t^2
+//   softcap (dcap defined):  x = z * cap_in,  z <- tanh(x) * cap_out,  dcap <- 1 - tanh^2(x)
 //                            (cap_in = T / c, cap_out = c / T: z = c tanh(r / c) / T)
 //   m = max z;  mean = sum z / V;  target = z[y];  z <- exp(z - m);  s = sum exp
 //   lse = m + log s;  logp = target - lse
@@ -164,9 +176,9 @@ void option_stats_impl(at::Tensor& z, const at::Tensor& y, at::Tensor* dcap, dou
         T* drow = dp + i * V;
 #pragma omp simd
         for (int64_t v = 0; v < V; ++v) {
-          const T t = tanh_poly(row[v] * ci);
-          drow[v] = T(1) - t * t;
-          row[v] = t * co;
+          const T x = row[v] * ci;
+          drow[v] = sech2(x);
+          row[v] = tanh_poly(x) * co;
         }
       }
       T m = -std::numeric_limits<T>::infinity();
@@ -254,7 +266,7 @@ at::Tensor dlogits_(at::Tensor e, at::Tensor sumexp, at::Tensor y, at::Tensor co
 }
 
 // Loss options (softcap, label smoothing, z-loss, lse): in place z <- exp(z - rowmax) of the
-// capped logits; dcap (same shape as z, or an empty tensor for no softcap) receives 1 - tanh^2.
+// capped logits; dcap (same shape as z, or an empty tensor for no softcap) receives sech^2.
 // Returns (logp of y, row sums of exp, lse, mean capped logit or 0 without want_mean).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> option_stats_(at::Tensor z, at::Tensor y, at::Tensor dcap,
                                                                          double cap_in, double cap_out,

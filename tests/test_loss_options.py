@@ -38,7 +38,32 @@ def _native_with_options():
         pytest.skip("the native extension is not built (or predates the loss options)")
 
 
+def _triton_interpreted():
+    """Triton's kernels run on CPU tensors only under its interpreter (tests/conftest.py sets
+    TRITON_INTERPRET=1 before anything imports triton on machines without CUDA)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 before triton is imported")
+    import triton.language
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(triton.language.zeros, InterpretedFunction):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
+
+
+def _backend_available(backend):
+    if backend == "native":
+        _native_with_options()
+    elif backend == "triton":
+        _triton_interpreted()
+
+
 CPU_BACKENDS = ["torch", "native"]
+ALL_BACKENDS = ["torch", "native", "triton"]
 
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o))
@@ -63,6 +88,57 @@ def test_options_match_oracle(opts, variant, reduction, backend):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("variant,reduction", [("token", "none"), ("sequence", "mean")])
+def test_options_match_oracle_triton(opts, variant, reduction):
+    """The Triton option kernels (triton_options) under the interpreter, float32 (the Triton
+    backend hands float64 to the PyTorch path); sequence with chunk 8 < 19 tokens takes the
+    log-prob pre-pass, token/none the recompute backward with per-token upstream factors."""
+    _triton_interpreted()
+    hidden, weight, bias, labels, behavior, cu = _problem()
+    kw = dict(variant=variant, cu_seqlens=cu, temperature=0.8, reduction=reduction, **opts)
+    leaves = [t.float().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss = fused_pear_loss(leaves[0], leaves[1], labels, behavior, bias=leaves[2], chunk_size=8,
+                           backend="triton", **kw)
+    up = torch.linspace(0.3, 1.7, loss.numel()).reshape(loss.shape) if reduction == "none" else 1.0
+    (loss * up).sum().backward()
+    ref_leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    ref, _ = oracle_loss(ref_leaves[0], ref_leaves[1], labels, behavior, bias=ref_leaves[2], **kw)
+    (ref * up).sum().backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_softcap_tanh_precision_over_its_range(backend):
+    """Each backend's tanh (torch.tanh; a rational approximation in the C++ pass; an exp form
+    with a Taylor branch below 1/16 in Triton) against float64 on logits chosen to cross every
+    branch: r / c from 1e-7 through the series cut and the rational's clamp to saturation, both
+    signs, and a -inf logit. H = 1 and hidden = 1, so the logits are the weight column itself
+    and dW is d loss / d r column by column (the softcap derivative 1 - tanh^2 per column)."""
+    _backend_available(backend)
+    c = 7.0
+    ratios = [1e-7, 3e-4, 5e-4, 0.02, 0.06, 0.0626, 0.07, 0.3, 1.0, 2.5, 7.0, 7.95, 12.0]
+    cols = [x for r in ratios for x in (r * c, -r * c)] + [0.0]
+    w64 = torch.tensor(cols, dtype=torch.float64)[:, None]
+    w64[-1] = float("-inf")
+    n = 6
+    h64 = torch.ones(n, 1, dtype=torch.float64)
+    labels = torch.arange(n) * 3
+    behavior = -torch.ones(n, dtype=torch.float64)
+    opts = dict(softcap=c, label_smoothing=0.3, lse_square_scale=0.05, variant="none")
+    w = w64.float().requires_grad_(True)
+    loss = fused_pear_loss(h64.float(), w, labels, behavior, backend=backend, **opts)
+    loss.backward()
+    w_ref = w64.clone().requires_grad_(True)
+    ref, _ = oracle_loss(h64, w_ref, labels, behavior, **opts)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w_ref.grad, rtol=2e-5, atol=1e-7)
+
+
 def test_label_smoothing_plain_sft_equals_torch_cross_entropy():
     hidden, weight, _, labels, behavior, _ = _problem(dtype=torch.float32)
     ours = fused_pear_loss(hidden, weight, labels, behavior, variant="none", label_smoothing=0.15)
@@ -70,21 +146,30 @@ def test_label_smoothing_plain_sft_equals_torch_cross_entropy():
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_z_loss_and_lse_returned_apart():
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_z_loss_and_lse_returned_apart(backend):
+    _backend_available(backend)
     hidden, weight, _, labels, behavior, _ = _problem()
+    if backend == "triton":
+        hidden, weight = hidden.float(), weight.float()
     loss, z, lse = fused_pear_loss(hidden, weight, labels, behavior, lse_square_scale=0.01,
-                                   return_z_loss=True, return_lse=True)
-    plain = fused_pear_loss(hidden, weight, labels, behavior)
+                                   return_z_loss=True, return_lse=True, backend=backend)
+    plain = fused_pear_loss(hidden, weight, labels, behavior, backend=backend)
+    # return_lse alone (no option): the same logsumexp, the loss unchanged
+    plain2, lse2 = fused_pear_loss(hidden, weight, labels, behavior, return_lse=True, backend=backend)
+    torch.testing.assert_close(plain2, plain)
+    torch.testing.assert_close(lse2, lse)
     mask = labels != -100
-    want_lse = torch.logsumexp(hidden @ weight.t(), -1)
+    want_lse = torch.logsumexp(hidden.double() @ weight.double().t(), -1)
     torch.testing.assert_close(lse[mask].double(), want_lse[mask], rtol=1e-6, atol=1e-6)
     assert (lse[~mask] == 0).all()
     want_z = 0.01 * (want_lse[mask] ** 2).mean()
-    torch.testing.assert_close(z, want_z)
-    torch.testing.assert_close(loss, plain + want_z)
+    tol = dict(rtol=1e-5, atol=1e-6) if backend == "triton" else {}
+    torch.testing.assert_close(z.double(), want_z, **tol)
+    torch.testing.assert_close(loss.double(), plain.double() + want_z, **tol)
     # with stats too: (loss, z, stats) in that order
     out = fused_pear_loss(hidden, weight, labels, behavior, lse_square_scale=0.01, return_z_loss=True,
-                          return_stats=True)
+                          return_stats=True, backend=backend)
     assert len(out) == 3 and hasattr(out[2], "ess")
 
 
@@ -113,14 +198,13 @@ def test_shift_equals_shifting_by_hand(packed):
     torch.testing.assert_close(ours, hand)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_options_16bit_and_float32_against_float64_oracle(backend, dtype):
     """Gemma's softcap 30 with logits large enough to saturate tanh (the C++ pass uses a
-    rational tanh in float), plus z-loss and smoothing, 16-bit and fp32 inputs; the expected
-    values are the float64 oracle on the same (rounded) inputs."""
-    if backend == "native":
-        _native_with_options()
+    rational tanh in float, the Triton kernel an exp form), plus z-loss and smoothing, 16-bit
+    and fp32 inputs; the expected values are the float64 oracle on the same (rounded) inputs."""
+    _backend_available(backend)
     hidden, weight, bias, labels, behavior, cu = _problem(seed=3, n=37, h=16, v=61)
     hidden = hidden * 6  # raw logits up to ~100: tanh(r / 30) saturates on many columns
     hidden, weight, bias = (t.to(dtype) for t in (hidden, weight, bias))
