@@ -8,7 +8,7 @@ import torch
 
 from .config import PEARConfig, Variant
 from .ops.fused_linear_logprobs import fused_linear_logprobs
-from .problem_inputs import prepare_problem
+from .problem_inputs import loss_options, prepare_problem
 
 __all__ = ["fused_token_logprobs"]
 
@@ -25,6 +25,7 @@ def fused_token_logprobs(
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
     vocab_parallel_group=None,
+    softcap: Optional[float] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """log softmax(hidden W^T + b)[labels] per token, differentiable, without full logits.
 
@@ -35,6 +36,10 @@ def fused_token_logprobs(
 
     ``vocab_parallel_group``: lm_head_weight/bias are this rank's vocabulary shard, as in
     fused_pear_loss (same contract: identical inputs on every rank, full hidden gradient).
+
+    ``softcap``: logits = softcap * tanh(logits / softcap) before the temperature, as in
+    fused_pear_loss (Gemma 2/3's ``final_logit_softcapping``); log-probs, entropies and both
+    gradients are those of the capped distribution.
     """
     if not torch.is_tensor(labels):
         raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
@@ -45,7 +50,7 @@ def fused_token_logprobs(
         config=PEARConfig(variant=Variant.NONE, block_size=1), bias=bias, cu_seqlens=None,
         temperature=temperature, reduction="none", num_items_in_batch=None,
         ignore_index=ignore_index, chunk_size=chunk_size, backend=backend,
-        vocab_parallel_group=vocab_parallel_group,
+        vocab_parallel_group=vocab_parallel_group, options=loss_options(softcap),
     )
     chk, layout = prep.checked, prep.problem.layout
     with prep.autocast_off:
