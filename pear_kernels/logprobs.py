@@ -41,6 +41,17 @@ def fused_token_logprobs(
     fused_pear_loss (Gemma 2/3's ``final_logit_softcapping``); log-probs, entropies and both
     gradients are those of the capped distribution.
     """
+    if torch.compiler.is_compiling():
+        # one opaque custom op in the graph (ops/custom_op.py); it validates at run time
+        if vocab_parallel_group is not None:
+            raise ValueError("inside torch.compile fused_token_logprobs does not take vocab_parallel_group")
+        from .ops.custom_op import token_logprobs_op
+
+        logp, ent = token_logprobs_op(
+            hidden, lm_head_weight, bias, labels, float(temperature), int(ignore_index), int(chunk_size or 0),
+            backend or "", float(softcap) if softcap is not None else -1.0, bool(return_entropy),
+        )
+        return (logp, ent) if return_entropy else logp
     if not torch.is_tensor(labels):
         raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
     # behavior log-probs play no part here: zeros pass every check on them
