@@ -315,3 +315,30 @@ def test_token_logprobs_and_entropy_with_softcap_against_autograd(backend):
      * g.double()).sum().backward()
     for a, r in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad.double(), r.grad, **tol)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_output_dtypes_of_16bit_inputs(backend, dtype):
+    """The documented contract (docs/loss_options.md): 16-bit inputs give float32 losses,
+    z-loss, lse, log-probs and entropies (what the fp32 softmax computed; the peers return the
+    input dtype), and gradients in each input's own dtype; every reduction, every backend."""
+    from pear_kernels import fused_token_logprobs
+
+    _backend_available(backend)
+    hidden, weight, bias, labels, behavior, cu = _problem(seed=2, n=11, h=8, v=19)
+    hidden, weight, bias = (t.to(dtype).requires_grad_(True) for t in (hidden, weight, bias))
+    for reduction in ("mean", "sum", "none"):
+        loss, z, lse = fused_pear_loss(hidden, weight, labels, behavior, bias=bias, reduction=reduction,
+                                       lse_square_scale=1e-3, softcap=20.0, return_z_loss=True,
+                                       return_lse=True, backend=backend)
+        assert (loss.dtype, z.dtype, lse.dtype) == (torch.float32,) * 3, reduction
+        assert loss.shape == (() if reduction != "none" else labels.shape)
+        loss.sum().backward()
+        assert (hidden.grad.dtype, weight.grad.dtype, bias.grad.dtype) == (dtype,) * 3
+        assert bool(torch.isfinite(hidden.grad.float()).all())
+        hidden.grad = weight.grad = bias.grad = None
+    lp, ent = fused_token_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=backend)
+    assert (lp.dtype, ent.dtype) == (torch.float32, torch.float32)
+    (lp.sum() + ent.sum()).backward()
+    assert (hidden.grad.dtype, weight.grad.dtype) == (dtype, dtype)
