@@ -139,9 +139,12 @@ def test_softcap_tanh_precision_over_its_range(backend):
     torch.testing.assert_close(w.grad.double(), w_ref.grad, rtol=2e-5, atol=1e-7)
 
 
-def test_label_smoothing_plain_sft_equals_torch_cross_entropy():
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_label_smoothing_plain_sft_equals_torch_cross_entropy(backend):
+    _backend_available(backend)
     hidden, weight, _, labels, behavior, _ = _problem(dtype=torch.float32)
-    ours = fused_pear_loss(hidden, weight, labels, behavior, variant="none", label_smoothing=0.15)
+    ours = fused_pear_loss(hidden, weight, labels, behavior, variant="none", label_smoothing=0.15,
+                           backend=backend)
     ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, label_smoothing=0.15)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
