@@ -8,7 +8,7 @@ import torch
 
 from .config import PEARConfig, Variant
 from .ops.fused_linear_logprobs import fused_linear_logprobs
-from .problem_inputs import prepare_problem
+from .problem_inputs import loss_options, prepare_problem
 
 __all__ = ["fused_token_logprobs"]
 
@@ -25,6 +25,7 @@ def fused_token_logprobs(
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
     vocab_parallel_group=None,
+    softcap: Optional[float] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """log softmax(hidden W^T + b)[labels] per token, differentiable, without full logits.
 
@@ -35,7 +36,22 @@ def fused_token_logprobs(
 
     ``vocab_parallel_group``: lm_head_weight/bias are this rank's vocabulary shard, as in
     fused_pear_loss (same contract: identical inputs on every rank, full hidden gradient).
+
+    ``softcap``: logits = softcap * tanh(logits / softcap) before the temperature, as in
+    fused_pear_loss (Gemma 2/3's ``final_logit_softcapping``); log-probs, entropies and both
+    gradients are those of the capped distribution.
     """
+    if torch.compiler.is_compiling():
+        # one opaque custom op in the graph (ops/custom_op.py); it validates at run time
+        if vocab_parallel_group is not None:
+            raise ValueError("inside torch.compile fused_token_logprobs does not take vocab_parallel_group")
+        from .ops.custom_op import token_logprobs_op
+
+        logp, ent = token_logprobs_op(
+            hidden, lm_head_weight, bias, labels, float(temperature), int(ignore_index), int(chunk_size or 0),
+            backend or "", float(softcap) if softcap is not None else -1.0, bool(return_entropy),
+        )
+        return (logp, ent) if return_entropy else logp
     if not torch.is_tensor(labels):
         raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
     # behavior log-probs play no part here: zeros pass every check on them
@@ -45,7 +61,7 @@ def fused_token_logprobs(
         config=PEARConfig(variant=Variant.NONE, block_size=1), bias=bias, cu_seqlens=None,
         temperature=temperature, reduction="none", num_items_in_batch=None,
         ignore_index=ignore_index, chunk_size=chunk_size, backend=backend,
-        vocab_parallel_group=vocab_parallel_group,
+        vocab_parallel_group=vocab_parallel_group, options=loss_options(softcap),
     )
     chk, layout = prep.checked, prep.problem.layout
     with prep.autocast_off:

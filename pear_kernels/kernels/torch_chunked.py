@@ -170,14 +170,16 @@ class OptionRows(LocalRows):
         if c is None:
             self.dcap = None
             return z
-        t = z.mul_(self.temperature / c).tanh_()
+        x = z.mul_(self.temperature / c)
         if self._dcap_buf is None or self._dcap_buf.shape[0] < z.shape[0] or self._dcap_buf.shape[1] != z.shape[1]:
             self._dcap_buf = torch.empty_like(z)
         d = self._dcap_buf[: z.shape[0]]
-        torch.mul(t, t, out=d)
-        d.neg_().add_(1.0)
+        # 1 - tanh^2 = 1 / cosh^2: relatively accurate where tanh saturates (1 - t^2 of a
+        # rounded float t is 0 from |x| ~ 9 on); cosh^2 overflowing to inf gives 0 (< 1e-38)
+        torch.cosh(x, out=d)
+        d.square_().reciprocal_()
         self.dcap = d
-        return z.mul_(c / self.temperature)
+        return x.tanh_().mul_(c / self.temperature)
 
     def softmax_stats_(self, z: torch.Tensor, y: torch.Tensor):
         z = self._cap_(z)
@@ -221,7 +223,10 @@ def _row_math(problem: PEARProblem):
     if problem.vocab_parallel is not None:
         return problem.vocab_parallel
     if problem.options.active or problem.want_lse:
-        return OptionRows(problem.options, problem.temperature)
+        # a backend may bring its own OptionRows subclass (native_cpu: the C++ row passes)
+        rm = problem.row_math
+        cls = rm if isinstance(rm, type) and issubclass(rm, OptionRows) else OptionRows
+        return cls(problem.options, problem.temperature)
     return problem.row_math if problem.row_math is not None else LocalRows
 
 

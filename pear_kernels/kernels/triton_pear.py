@@ -225,6 +225,10 @@ def token_logprobs(problem: PEARProblem, with_entropy: bool = False):
     """(M,) float32 log-probs of the supervised labels (and entropies), fully fused."""
     if problem.hidden.dtype not in _TRITON_DTYPES:
         return torch_chunked.token_logprobs(problem, with_entropy)
+    if problem.options.active:  # softcap: the chunked option kernels (triton_options)
+        from . import triton_options
+
+        return triton_options.token_logprobs(problem, with_entropy)
     logp, _, ent = _fused_logprobs(problem, with_entropy)
     return (logp, ent) if with_entropy else logp
 
@@ -239,6 +243,10 @@ def forward(
     """Log-probs, weights and the weighted loss sum; with grad_scale, the gradients too."""
     if problem.hidden.dtype not in _TRITON_DTYPES:
         return torch_chunked.forward(problem, grad_scale, need)
+    if problem.options.active or problem.want_lse:  # always chunked: triton_options
+        from . import triton_options
+
+        return triton_options.forward(problem, grad_scale, need)
     layout, config = problem.layout, problem.config
     m = layout.num_supervised
     dev = problem.hidden.device
@@ -292,11 +300,17 @@ def forward(
 
 @_on_problem_device
 def backward(
-    problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, bool], fused: Optional[bool] = None
+    problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, bool], fused: Optional[bool] = None,
+    ucoef: Optional[torch.Tensor] = None,
 ) -> Grads:
-    """Recompute pass: gradients for per-token factors ``coef`` (M,) of w * grad_output."""
+    """Recompute pass: gradients for per-token factors ``coef`` (M,) of w * grad_output
+    (with loss options, ``ucoef`` (M,) = grad_output for the unweighted z-loss)."""
     if problem.hidden.dtype not in _TRITON_DTYPES:
-        return torch_chunked.backward(problem, coef, need)
+        return torch_chunked.backward(problem, coef, need, ucoef)
+    if problem.options.active or problem.want_lse:
+        from . import triton_options
+
+        return triton_options.backward(problem, coef, need, ucoef)
     coef32 = coef.to(torch.float32).contiguous()
     if _use_fused(fused):
         _, lse, _ = _fused_logprobs(problem)

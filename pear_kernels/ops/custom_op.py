@@ -185,3 +185,110 @@ def _backward(ctx, grad_loss, _gdh, _gdw, _gdb, _glw):
 
 
 pear_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_token_logprobs as pear_kernels::token_logprobs (log-probs and, optionally, entropies).
+# Gradients: backward calls pear_kernels::token_logprobs_backward, which recomputes the logits
+# chunk by chunk (the eager Function's recompute, entropy term included).
+
+
+def _prepare_logprobs(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, softcap):
+    from ..config import Variant
+    from ..problem_inputs import loss_options, prepare_problem
+
+    return prepare_problem(
+        hidden, weight, labels, torch.zeros(labels.shape, device=labels.device),
+        config=PEARConfig(variant=Variant.NONE, block_size=1), bias=bias, cu_seqlens=None,
+        temperature=temperature, reduction="none", num_items_in_batch=None, ignore_index=ignore_index,
+        chunk_size=chunk_size if chunk_size > 0 else None, backend=None, vocab_parallel_group=None,
+        options=loss_options(None if softcap == -1.0 else softcap),
+    )
+
+
+def _scatter(values: torch.Tensor, layout, shape) -> torch.Tensor:
+    out = values.new_zeros(layout.n_tokens)
+    out[layout.sup_index] = values
+    return out.reshape(shape)
+
+
+@torch.library.custom_op("pear_kernels::token_logprobs", mutates_args=())
+def token_logprobs_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    temperature: float, ignore_index: int, chunk_size: int, backend: str, softcap: float, with_entropy: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    prep = _prepare_logprobs(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, softcap)
+    problem, layout = prep.problem, prep.problem.layout
+    module = select_backend(hidden.device, backend or None, hidden.shape[-1], options=problem.options.active)
+    with prep.autocast_off:
+        out = module.token_logprobs(problem, with_entropy=True) if with_entropy else module.token_logprobs(problem)
+    logp, ent = out if with_entropy else (out, None)
+    logp = _scatter(logp, layout, labels.shape)
+    ent = _scatter(ent, layout, labels.shape) if ent is not None else logp.new_empty(0)
+    return logp, ent
+
+
+@token_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, backend, softcap, with_entropy):
+    work = _work(hidden.dtype)
+    logp = labels.new_empty(labels.shape, dtype=work)
+    return logp, (labels.new_empty(labels.shape, dtype=work) if with_entropy else labels.new_empty(0, dtype=work))
+
+
+@torch.library.custom_op("pear_kernels::token_logprobs_backward", mutates_args=())
+def token_logprobs_backward(
+    grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], hidden: torch.Tensor, weight: torch.Tensor,
+    bias: Optional[torch.Tensor], labels: torch.Tensor, temperature: float, ignore_index: int, chunk_size: int,
+    backend: str, softcap: float, need_dh: bool, need_dw: bool, need_db: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import torch_chunked
+
+    prep = _prepare_logprobs(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, softcap)
+    problem = prep.problem
+    module = select_backend(hidden.device, backend or None, hidden.shape[-1], options=problem.options.active)
+    idx = problem.layout.sup_index
+    coef = -grad_logp.reshape(-1)[idx].to(torch.float64)
+    need = (need_dh, need_dw, need_db and bias is not None)
+    with prep.autocast_off:
+        if grad_entropy is not None:
+            ent = grad_entropy.reshape(-1)[idx].to(torch.float64)
+            grads = torch_chunked.backward_with_entropy(problem, coef, ent, need)
+        else:
+            grads = module.backward(problem, coef, need)
+    dh = grads.hidden.reshape(hidden.shape).to(hidden.dtype) if grads.hidden is not None else hidden.new_empty(0)
+    dw = grads.weight.to(weight.dtype) if grads.weight is not None else weight.new_empty(0)
+    db = grads.bias.to(weight.dtype) if grads.bias is not None else weight.new_empty(0)
+    return dh, dw, db
+
+
+@token_logprobs_backward.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, backend,
+      softcap, need_dh, need_dw, need_db):
+    dh = hidden.new_empty(hidden.shape) if need_dh else hidden.new_empty(0)
+    dw = weight.new_empty(weight.shape) if need_dw else weight.new_empty(0)
+    db = weight.new_empty(weight.shape[0]) if (need_db and bias is not None) else weight.new_empty(0)
+    return dh, dw, db
+
+
+def _logprobs_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels = inputs[:4]
+    ctx.scalars = tuple(inputs[4:9])  # temperature, ignore_index, chunk_size, backend, softcap
+    ctx.with_entropy = inputs[9]
+    ctx.has_bias = bias is not None
+    ctx.need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    ctx.save_for_backward(hidden, weight, bias, labels)
+
+
+def _logprobs_backward(ctx, grad_logp, grad_entropy):
+    hidden, weight, bias, labels = ctx.saved_tensors
+    if grad_logp is None:
+        grad_logp = torch.zeros(labels.shape, dtype=_work(hidden.dtype), device=hidden.device)
+    dh, dw, db = token_logprobs_backward(
+        grad_logp, grad_entropy if ctx.with_entropy else None, hidden, weight, bias, labels, *ctx.scalars,
+        *ctx.need,
+    )
+    return (dh if ctx.need[0] else None, dw if ctx.need[1] else None, db if ctx.need[2] else None,
+            None, None, None, None, None, None, None)
+
+
+token_logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup_context)

@@ -88,20 +88,20 @@ def select_backend(
 ) -> ModuleType:
     """The kernel module for tensors on ``device`` (with the given hidden size).
 
-    ``options``: the loss uses softcap, z-loss, label smoothing or returns the logsumexp,
-    which only the chunked PyTorch kernels implement (on any device): "auto" picks them, and a
-    forced other backend is refused rather than silently ignoring the option.
+    ``options``: the loss uses softcap, z-loss, label smoothing or returns the logsumexp.
+    Every backend implements them, except a native extension built from an older csrc/
+    (``native_cpu.supports_options()``): "auto" then picks the PyTorch path, and a forced
+    "native" is refused rather than silently ignoring the option.
     """
     name = requested_backend(override)
     device = torch.device(device)
     if name == "torch":
         return torch_chunked
-    if options:
-        if name == "auto":
-            return torch_chunked
+    if options and name == "native" and native_cpu.available() and not native_cpu.supports_options():
         raise ValueError(
-            f"backend {name!r} does not implement softcap, lse_square_scale, label_smoothing or "
-            "return_lse; use backend='torch' or 'auto' (which picks it) with these options"
+            "backend 'native' (this build of the C++ extension) does not implement softcap, "
+            "lse_square_scale, label_smoothing or return_lse; rebuild it "
+            "(`pip install --no-build-isolation -e .`), or use backend='torch' or 'auto'"
         )
     if name == "native":
         if not native_cpu.available():
@@ -115,6 +115,7 @@ def select_backend(
         if (
             device.type == "cpu"
             and native_cpu.available()
+            and (not options or native_cpu.supports_options())
             and hidden_size is not None
             and hidden_size <= NATIVE_MAX_HIDDEN
         ):
