@@ -24,54 +24,81 @@ __all__ = ["fused_pear_distill_loss", "TAILS"]
 TAILS = ("renormalize", "bucket")
 
 
-def _check_teacher(teacher_ids, teacher_logprobs, labels, vocab, ignore_index, check_values):
-    if not torch.is_tensor(teacher_ids) or teacher_ids.is_floating_point() or teacher_ids.dtype == torch.bool:
-        raise TypeError("teacher_ids must be an integer tensor of shape labels.shape + (K,)")
-    if not torch.is_tensor(teacher_logprobs) or not teacher_logprobs.is_floating_point():
-        raise TypeError("teacher_logprobs must be a floating-point tensor of shape labels.shape + (K,)")
-    if not torch.is_tensor(labels):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+# A position's top-k probabilities may sum a hair above 1 from float rounding in the sampler
+# (K float32 probabilities each rounded at 2^-24); 1e-3 above is a bug in the data.
+MASS_TOLERANCE = 1e-3
+
+
+def _check_teacher(teacher_ids, teacher_logprobs, labels, vocab, ignore_index, check_values, device):
+    if not torch.is_tensor(teacher_ids):
+        raise TypeError(f"teacher_ids must be a torch.Tensor, got {type(teacher_ids).__name__}")
+    if teacher_ids.is_floating_point() or teacher_ids.is_complex() or teacher_ids.dtype == torch.bool:
+        raise TypeError(f"teacher_ids must be an integer tensor of shape labels.shape + (K,), got {teacher_ids.dtype}")
+    if not torch.is_tensor(teacher_logprobs):
+        raise TypeError(f"teacher_logprobs must be a torch.Tensor, got {type(teacher_logprobs).__name__}")
+    if not teacher_logprobs.is_floating_point():
+        raise TypeError(
+            f"teacher_logprobs must be a floating-point tensor of shape labels.shape + (K,), got {teacher_logprobs.dtype}"
+        )
     if teacher_ids.dim() != labels.dim() + 1 or tuple(teacher_ids.shape[:-1]) != tuple(labels.shape):
         raise ValueError(
-            f"teacher_ids must have shape {tuple(labels.shape)} + (K,), got {tuple(teacher_ids.shape)}"
+            f"teacher_ids must have shape {tuple(labels.shape)} + (K,) to match labels, got {tuple(teacher_ids.shape)}"
         )
     if teacher_logprobs.shape != teacher_ids.shape:
         raise ValueError(
-            f"teacher_logprobs must have teacher_ids' shape {tuple(teacher_ids.shape)}, got {tuple(teacher_logprobs.shape)}"
+            f"teacher_logprobs must have teacher_ids' shape {tuple(teacher_ids.shape)} (the same K), "
+            f"got {tuple(teacher_logprobs.shape)}"
         )
     if teacher_ids.shape[-1] < 1:
-        raise ValueError("teacher_ids needs K >= 1 entries per position")
-    if teacher_ids.device != labels.device or teacher_logprobs.device != labels.device:
-        raise ValueError("teacher_ids and teacher_logprobs must be on labels' device")
+        raise ValueError("teacher_ids needs K >= 1 entries per position, got K = 0")
+    for name, t in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
     if not check_values:
         return
     K = teacher_ids.shape[-1]
-    sup = labels.reshape(-1) != ignore_index
+    sup = (labels.reshape(-1) != ignore_index).nonzero().reshape(-1)
     ids = teacher_ids.reshape(-1, K)[sup]
     lq = teacher_logprobs.reshape(-1, K)[sup]
-    if ids.numel():
-        bad = (ids < 0) | (ids >= vocab)
-        if bool(bad.any()):
-            i, k = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"teacher_ids must be in [0, {vocab}); supervised token {i}, entry {k} is {int(ids[i, k])}")
+    if not ids.numel():
+        return
+
+    def where(rows_bad: torch.Tensor) -> str:
+        # flat position (as in labels.view(-1)) of the first supervised token that is bad
+        return f"position {int(sup[rows_bad.nonzero()[0, 0]])} of labels.view(-1)"
+
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        i, k = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(
+            f"teacher_ids must be in [0, {vocab}) on supervised tokens; at {where(bad.any(dim=1))}, "
+            f"entry {k} is {int(ids[i, k])}"
+        )
+    if K > 1:
         srt = ids.sort(dim=1).values
-        dup = (srt[:, 1:] == srt[:, :-1]) if K > 1 else torch.zeros(0, dtype=torch.bool)
+        dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
         if bool(dup.any()):
-            i = int(dup.any(dim=1).nonzero()[0])
-            raise ValueError(f"teacher_ids repeat an id at supervised token {i}: the top-k ids must be distinct")
-        if bool(torch.isnan(lq).any()):
-            i = int(torch.isnan(lq).any(dim=1).nonzero()[0])
-            raise ValueError(f"teacher_logprobs are NaN at supervised token {i}")
-        if bool((lq > BEHAVIOR_LOGPROB_TOLERANCE).any()):
-            i = int((lq > BEHAVIOR_LOGPROB_TOLERANCE).any(dim=1).nonzero()[0])
-            raise ValueError(f"teacher_logprobs must be log-probabilities (<= 0); supervised token {i} has a positive one")
-        mass = torch.exp(lq.to(torch.float64)).sum(dim=1)
-        if bool((mass > 1.0 + 1e-3).any()):
-            i = int((mass > 1.0 + 1e-3).nonzero()[0])
-            raise ValueError(f"teacher_logprobs of supervised token {i} sum to probability {float(mass[i]):.4f} > 1")
-        if bool((mass <= 0).any()):
-            i = int((mass <= 0).nonzero()[0])
-            raise ValueError(f"teacher_logprobs of supervised token {i} are all -inf: no teacher mass to distil")
+            raise ValueError(
+                f"teacher_ids repeat an id at {where(dup)}: the top-k ids of a position must be distinct"
+            )
+    nan = torch.isnan(lq).any(dim=1)
+    if bool(nan.any()):
+        raise ValueError(f"teacher_logprobs are NaN at {where(nan)}")
+    pos = (lq > BEHAVIOR_LOGPROB_TOLERANCE).any(dim=1)
+    if bool(pos.any()):
+        raise ValueError(
+            f"teacher_logprobs must be log-probabilities (<= 0, -inf allowed); {where(pos)} has a positive one"
+        )
+    mass = torch.exp(lq.to(torch.float64)).sum(dim=1)
+    over = mass > 1.0 + MASS_TOLERANCE
+    if bool(over.any()):
+        raise ValueError(
+            f"teacher_logprobs at {where(over)} sum to probability {float(mass[over][0]):.4f} > 1: "
+            "not one distribution's top-k (or not aligned with labels)"
+        )
+    empty = mass <= 0
+    if bool(empty.any()):
+        raise ValueError(f"teacher_logprobs at {where(empty)} are all -inf: no teacher mass to distil")
 
 
 def fused_pear_distill_loss(
@@ -94,6 +121,7 @@ def fused_pear_distill_loss(
     num_items_in_batch=None,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
     check_values: bool = True,
     return_stats: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, PEARStats]]:
@@ -121,11 +149,12 @@ def fused_pear_distill_loss(
     prep = prepare_problem(
         hidden, lm_head_weight, labels, behavior_logprobs, config=config, bias=bias, cu_seqlens=cu_seqlens,
         temperature=temperature, reduction=reduction, num_items_in_batch=num_items_in_batch,
-        ignore_index=ignore_index, chunk_size=chunk_size, backend=None, vocab_parallel_group=None,
+        ignore_index=ignore_index, chunk_size=chunk_size, backend=backend, vocab_parallel_group=None,
         check_values=check_values,
     )
     problem, chk, layout = prep.problem, prep.checked, prep.problem.layout
-    _check_teacher(teacher_ids, teacher_logprobs, labels, problem.vocab_size, ignore_index, check_values)
+    _check_teacher(teacher_ids, teacher_logprobs, labels, problem.vocab_size, ignore_index, check_values,
+                   problem.hidden.device)
     K = teacher_ids.shape[-1]
     targets = DistillTargets(
         ids=teacher_ids.reshape(-1, K)[layout.sup_index].to(torch.int64),
@@ -133,7 +162,7 @@ def fused_pear_distill_loss(
         tail=tail, hard_weight=float(hard_weight),
     )
     with prep.autocast_off:
-        loss, result = fused_linear_distill(problem, targets, reduction, num_items_in_batch)
+        loss, result = fused_linear_distill(problem, targets, reduction, num_items_in_batch, prep.backend)
     if reduction == "none":
         loss = loss.reshape(chk.input_shape)
     if not return_stats:
