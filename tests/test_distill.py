@@ -255,19 +255,26 @@ def test_16bit_close_to_float64(dtype):
     torch.testing.assert_close(w1.grad.double(), w2.grad, rtol=2e-2, atol=2e-3)
 
 
-def test_masked_columns_and_inf_teacher_entries_stay_finite():
-    """A -inf bias column (padded vocabulary) outside the teacher's support and -inf teacher
-    entries: finite loss and gradients equal to the oracle's."""
-    hidden, weight, labels, behavior, ids, lq, cu = _problem(k=4, v=80)
-    v = weight.shape[0]
+def _mask_a_free_column(labels, ids, lq, v):
+    """A -inf bias on a column no supervised label or teacher id uses, then that column given
+    to position 5 as a no-mass (-inf) teacher entry, with two more -inf entries there."""
     sup = labels >= 0
     used = set(ids[sup].reshape(-1).tolist()) | set(labels[sup].tolist())
     free = [c for c in range(v) if c not in used]
     assert free
     bias = torch.zeros(v, dtype=torch.float64)
     bias[free[0]] = float("-inf")
-    lq = lq.clone()
+    lq, ids = lq.clone(), ids.clone()
     lq[5, :3] = float("-inf")
+    ids[5, 0] = free[0]  # 0 log 0 on the student's -inf column: 0, not NaN
+    return bias, ids, lq
+
+
+def test_masked_columns_and_inf_teacher_entries_stay_finite():
+    """A -inf bias column (padded vocabulary) and -inf teacher entries, one of them on that
+    column: finite loss and gradients equal to the oracle's."""
+    hidden, weight, labels, behavior, ids, lq, cu = _problem(k=4, v=80)
+    bias, ids, lq = _mask_a_free_column(labels, ids, lq, 80)
     for tail in ("renormalize", "bucket"):
         h1 = _leaf(hidden)
         out = fused_pear_distill_loss(h1, weight, labels, behavior, ids, lq, bias=bias, cu_seqlens=cu, tail=tail,
@@ -290,6 +297,16 @@ def test_unsupervised_positions_are_not_checked_or_used():
     a = fused_pear_distill_loss(hidden, weight, labels, behavior, ids, lq, cu_seqlens=cu)
     b = fused_pear_distill_loss(hidden, weight, labels, behavior, ids2, lq2, cu_seqlens=cu)
     assert float(a) == float(b)
+
+
+def test_backend_names_pick_their_row_math():
+    from pear_kernels.kernels import torch_distill
+    from pear_kernels.ops.fused_linear_distill import select_distill_rows
+
+    cpu = torch.device("cpu")
+    assert select_distill_rows(cpu, "torch", 8, torch.float32) is torch_distill.TorchDistillRows
+    if native_cpu.available():
+        assert select_distill_rows(cpu, "native", 8, torch.float32) is torch_distill.NativeDistillRows
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -370,15 +387,16 @@ def _interpreted_triton() -> bool:
 ])
 def test_triton_rows_under_the_interpreter(tail, hard_weight, reduction):
     """The Triton row kernels (fp32 logits chunks) on tiny shapes against the oracle."""
-    hidden, weight, labels, behavior, ids, lq, cu = _problem(n=11, v=37, k=8, dtype=torch.float32)
+    hidden, weight, labels, behavior, ids, lq, cu = _problem(n=11, v=64, k=4, dtype=torch.float32)
     cu = torch.tensor([0, 5, 11])
+    bias, ids, lq = _mask_a_free_column(labels, ids, lq, 64)
     kw = dict(tail=tail, hard_weight=hard_weight, reduction=reduction, temperature=0.9)
     h1, w1 = _leaf(hidden), _leaf(weight)
-    out = fused_pear_distill_loss(h1, w1, labels, behavior, ids, lq, cu_seqlens=cu, chunk_size=4,
-                                  backend="triton", **kw)
+    out = fused_pear_distill_loss(h1, w1, labels, behavior, ids, lq, bias=bias.float(), cu_seqlens=cu,
+                                  chunk_size=4, backend="triton", **kw)
     out.sum().backward()
     h2, w2 = _leaf(hidden.double()), _leaf(weight.double())
-    ref = _oracle(h2, w2, labels, behavior, ids, lq, cu, **kw)
+    ref = _oracle(h2, w2, labels, behavior, ids, lq, cu, bias=bias, **kw)
     ref.sum().backward()
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(h1.grad.double(), h2.grad, rtol=2e-4, atol=2e-5)
