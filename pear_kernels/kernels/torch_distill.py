@@ -87,9 +87,26 @@ def _floor_logprob(s: torch.Tensor) -> torch.Tensor:
 
 
 class TorchDistillRows:
-    """Row math in PyTorch ops: gather, then max, exp, sum (one buffer, in place)."""
+    """Row math in PyTorch ops: gather, then max, exp, sum (one buffer, in place).
+
+    A row-math class also says how a chunk's logits are made (``buffer``), where its dlogits
+    go (``sink``) and how many tokens a chunk holds (``rows``): the chunked path's one reused
+    fp32 buffer and gradient accumulators here; the Triton rows on CUDA take the SFT Triton
+    path's 16-bit tensor-core GEMMs with fp32 results instead."""
 
     name = "torch"
+
+    @staticmethod
+    def buffer(problem: PEARProblem) -> _LogitsBuffer:
+        return _LogitsBuffer(problem)
+
+    @staticmethod
+    def sink(problem: PEARProblem, need, buffer: _LogitsBuffer):
+        return _GradSink(problem, need, buffer.weight)
+
+    @staticmethod
+    def rows(problem: PEARProblem) -> int:
+        return problem.rows()
 
     @staticmethod
     def stats_(z: torch.Tensor, y: torch.Tensor, ids: torch.Tensor):
@@ -215,11 +232,11 @@ class _Chunk:
         return rows_math.dlogits_(self.z, self.aux, self.y, self.ids, a, b, c)
 
 
-def token_logprobs(problem: PEARProblem, rows_math, targets: DistillTargets, buffer: _LogitsBuffer) -> torch.Tensor:
+def token_logprobs(problem: PEARProblem, rows_math, targets: DistillTargets, buffer) -> torch.Tensor:
     """(M,) log p_student of the sampled tokens (the sequence variant's pre-pass)."""
     m = problem.layout.num_supervised
     out = torch.empty(m, dtype=_work_dtype(problem.hidden.dtype), device=problem.hidden.device)
-    for start, end in chunks_from_end(m, problem.rows()):
+    for start, end in chunks_from_end(m, rows_math.rows(problem)):
         h = problem.hidden[_token_rows(problem, start, end)]
         y = problem.labels[problem.layout.sup_index[start:end]]
         out[start:end] = rows_math.stats_(buffer.logits(h), y, targets.ids[start:end])[0]
@@ -234,11 +251,11 @@ def forward(problem: PEARProblem, targets: DistillTargets, rows_math=TorchDistil
     layout, config = problem.layout, problem.config
     m = layout.num_supervised
     device = problem.hidden.device
-    rows = problem.rows()
+    rows = rows_math.rows(problem)
     behavior = problem.behavior_logprobs[layout.sup_index].to(torch.float64)
     want = grad_scale is not None and any(need)
-    buffer = _LogitsBuffer(problem)
-    sink = _GradSink(problem, need, buffer.weight) if want else None
+    buffer = rows_math.buffer(problem)
+    sink = rows_math.sink(problem, need, buffer) if want else None
     logp_all = torch.empty(m, dtype=_work_dtype(problem.hidden.dtype), device=device)
     loss_tok = torch.empty(m, dtype=torch.float64, device=device)
     d = torch.empty(m, dtype=torch.float64, device=device)
@@ -271,9 +288,9 @@ def forward(problem: PEARProblem, targets: DistillTargets, rows_math=TorchDistil
 def backward(problem: PEARProblem, targets: DistillTargets, coef: torch.Tensor, need,
              rows_math=TorchDistillRows) -> Grads:
     """Recompute pass for per-token factors coef (M,) = w * grad_output (reduction "none")."""
-    buffer = _LogitsBuffer(problem)
-    sink = _GradSink(problem, need, buffer.weight)
-    for start, end in chunks_from_end(problem.layout.num_supervised, problem.rows()):
+    buffer = rows_math.buffer(problem)
+    sink = rows_math.sink(problem, need, buffer)
+    for start, end in chunks_from_end(problem.layout.num_supervised, rows_math.rows(problem)):
         ch = _Chunk(problem, targets, buffer, rows_math, start, end)
         sink.add(ch.dlogits(rows_math, targets, coef[start:end] / problem.temperature), ch.h, ch.token_rows)
     return sink.result()

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .torch_distill import TorchDistillRows
 from .triton_rows import vocab_tile
 from .triton_utils import ROW_WARPS, next_pow2
 
@@ -153,10 +154,48 @@ def distill_row_dlogits_(z, lse, y, ids, a, b, c=None) -> torch.Tensor:
     return z
 
 
-class TritonDistillRows:
-    """Row math for kernels/torch_distill.py's chunk loop, in Triton (see the module docstring)."""
+class _CudaLogits:
+    """fp32 tempered logits of a chunk from the SFT Triton path's GEMM (16-bit inputs: a
+    tensor-core matmul, fp32 softmax math), not the CPU path's fp32 weight copy."""
+
+    def __init__(self, problem):
+        self.problem = problem
+
+    def logits(self, h_c: torch.Tensor) -> torch.Tensor:
+        from .triton_pear import _logits_chunk
+
+        z = _logits_chunk(self.problem, h_c)
+        if self.problem.temperature != 1.0:
+            z.mul_(1.0 / self.problem.temperature)
+        return z
+
+
+class TritonDistillRows(TorchDistillRows):
+    """Row math for kernels/torch_distill.py's chunk loop, in Triton (see the module docstring).
+
+    On CUDA the chunks' GEMMs, gradient accumulators and chunk size are triton_pear's (16-bit
+    GEMMs with fp32 results, at least GPU_MIN_CHUNK_ROWS tokens a chunk); on CPU tensors (the
+    interpreter) the chunked path's."""
 
     name = "triton"
+
+    @staticmethod
+    def buffer(problem):
+        return _CudaLogits(problem) if problem.hidden.is_cuda else TorchDistillRows.buffer(problem)
+
+    @staticmethod
+    def sink(problem, need, buffer):
+        if problem.hidden.is_cuda:
+            from .triton_pear import _ChunkGrads
+
+            return _ChunkGrads(problem, need)
+        return TorchDistillRows.sink(problem, need, buffer)
+
+    @staticmethod
+    def rows(problem) -> int:
+        from .triton_pear import _rows
+
+        return _rows(problem)
 
     @staticmethod
     def stats_(z, y, ids):

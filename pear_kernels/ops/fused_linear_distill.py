@@ -21,7 +21,7 @@ import torch
 
 from ..kernels import native_cpu, torch_chunked, torch_distill
 from ..kernels.problem import PEARProblem
-from .dispatch import requested_backend, select_backend
+from .dispatch import select_backend
 from .fused_linear_pear import _loss_dtype, _needed_grads, finish_grads
 from .once import differentiable_once
 
@@ -29,16 +29,13 @@ __all__ = ["FusedLinearDistillFunction", "fused_linear_distill", "select_distill
 
 
 def select_distill_rows(device: torch.device, backend: Optional[str], hidden_size: int, dtype: torch.dtype):
-    """The row-math strategy for a problem: the SFT loss's dispatch (same names, same errors for
-    an unavailable backend), mapped to the distillation row math, with one difference: "auto"
-    on CPU takes the native softmax passes at every hidden size when they are built. The
-    PyTorch row work of this loss is 5 memory passes over the logits chunk (max, subtract,
-    exp, sum, scale) against the native 3, a larger share than in the SFT loss: measured
-    round-robin on 2 shared cores (benchmarks/test_distill_bench.py, fp32, K = 8, forward +
-    backward), native / torch rows = 0.78 at N=1024 H=896 V=151936 and 0.94 at N=2048 H=256
-    V=32000, where the SFT loss's threshold (NATIVE_MAX_HIDDEN) would already switch to torch."""
-    if requested_backend(backend) == "auto" and torch.device(device).type == "cpu" and native_cpu.available():
-        return torch_distill.NativeDistillRows
+    """The row-math strategy for a problem: the SFT loss's dispatch (same names, same rule for
+    "auto", same errors for an unavailable backend), mapped to the distillation row math.
+
+    The SFT rule (native rows on CPU for hidden size <= NATIVE_MAX_HIDDEN) holds here too:
+    measured round-robin, 3 rounds, 2 shared cores (benchmarks/test_distill_bench.py, fp32,
+    K = 8, forward + backward), native / torch rows = 0.97 at N=2048 H=256 V=32000 and 1.00
+    at N=1024 H=896 V=151936."""
     module = select_backend(device, backend, hidden_size)
     if module is torch_chunked:
         return torch_distill.TorchDistillRows
