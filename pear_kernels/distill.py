@@ -19,7 +19,7 @@ from .ops.fused_linear_distill import fused_linear_distill
 from .problem_inputs import prepare_problem
 from .stats import PEARStats, summarize
 
-__all__ = ["fused_pear_distill_loss", "TAILS"]
+__all__ = ["fused_pear_distill_loss", "PEARDistillLoss", "TAILS"]
 
 TAILS = ("renormalize", "bucket")
 
@@ -127,16 +127,40 @@ def fused_pear_distill_loss(
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, PEARStats]]:
     """PEAR-weighted forward-KL distillation from the teacher's stored top-k distribution.
 
-    Args (beyond fused_pear_loss's):
+    Per supervised token t: L_t = (1 - hard_weight) KL_t + hard_weight (-log p_student(y_t)),
+    KL_t the forward KL from the teacher's top-k to the student, weighted by the PEAR weight
+    w_t and reduced; never builds (tokens x vocab) logits (docs/distillation.md).
+
+    Args:
+        hidden: (N, H) or (B, T, H) final hidden states (already shifted: hidden[i] predicts labels[i]).
+        lm_head_weight: (V, H) output projection, same dtype and device as hidden.
+        labels: (N,) or (B, T) sampled token ids; ``ignore_index`` marks unsupervised tokens.
+        behavior_logprobs: labels' shape; log-prob of each sampled token under the policy that
+            sampled it (the teacher): the PEAR weight's log-ratio is log p_student(y) minus it.
         teacher_ids: labels.shape + (K,) ids of the teacher's K most likely tokens at each
-            position (aligned with labels exactly like behavior_logprobs), distinct per position.
-        teacher_logprobs: the same shape, their log-probs (<= 0, -inf allowed: no mass).
-        kl: "forward" (KL(teacher || student), the only one offered).
-        tail: "renormalize" (the top-k distribution renormalised to 1) or "bucket" (the mass
-            outside the top-k, 1 - sum q, is one outcome against the student's mass outside it).
-        hard_weight: lam in [0, 1]: the token loss is (1 - lam) KL + lam (-log p_student(label)).
-    The PEAR weight of each token is built from the sampled label's log-ratio
-    (log p_student(label) - behavior_logprobs), clipped and detached, as in fused_pear_loss.
+            position, aligned with labels exactly like behavior_logprobs, distinct per position.
+        teacher_logprobs: the same shape, their log-probs (<= 0; -inf allowed: no mass; their
+            probabilities sum to at most 1).
+        config: a PEARConfig (variant, gamma, block size, clips); ``variant`` overrides its field.
+        kl: "forward" (KL(teacher top-k || student), the only one offered).
+        tail: what the teacher mass outside its top-k is: "renormalize" (dropped: the top-k
+            renormalised to 1 is the target) or "bucket" (one more outcome, 1 - sum q, against
+            the student's mass outside the K ids).
+        hard_weight: lam in [0, 1], the share of the sampled token's NLL in the token loss.
+        bias: optional (V,) output bias.
+        cu_seqlens: packed (N, ...) rows: sequence s is tokens [cu_seqlens[s], cu_seqlens[s+1]).
+        temperature: the student's logits are divided by it (the teacher's log-probs are used
+            as stored).
+        reduction: "mean" (over supervised tokens, or ``num_items_in_batch``), "sum", or "none"
+            (per-token w_t L_t of labels' shape, 0 where masked).
+        num_items_in_batch: normalizer for "mean" under gradient accumulation (HF Trainer).
+        ignore_index: label value of unsupervised tokens (their teacher entries are not read).
+        chunk_size: supervised tokens per logits chunk (default: from a 128 MiB budget).
+        backend: "auto", "torch", "native" or "triton" (``PEAR_KERNELS_BACKEND`` sets the default).
+        check_values: validate the teacher's values (ids in range and distinct, log-probs not NaN,
+            <= 0, a position's mass in (0, 1]) as well as shapes; False skips the host syncs.
+        return_stats: also return PEARStats (log-probs of the sampled tokens, weights, ESS, clips).
+
     Returns the loss (float32 for 16-bit inputs), and PEARStats when ``return_stats``.
     """
     if kl != "forward":
@@ -171,3 +195,31 @@ def fused_pear_distill_loss(
                            chk.input_shape)
 
 
+class PEARDistillLoss(torch.nn.Module):
+    """Module form of fused_pear_distill_loss with a fixed PEARConfig and tail / hard weight.
+
+    ``forward(hidden, lm_head_weight, labels, behavior_logprobs, teacher_ids, teacher_logprobs,
+    bias=None, **kwargs)``; other keyword arguments of fused_pear_distill_loss pass through.
+    """
+
+    def __init__(self, config: Optional[PEARConfig] = None, *, tail: str = "renormalize", hard_weight: float = 0.0,
+                 temperature: float = 1.0, reduction: str = "mean", ignore_index: int = -100,
+                 chunk_size: Optional[int] = None, **overrides):
+        super().__init__()
+        if tail not in TAILS:
+            raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+        self.config = PEARConfig.coerce(config).with_overrides(**overrides)
+        self.tail, self.hard_weight = tail, hard_weight
+        self.temperature, self.reduction = temperature, reduction
+        self.ignore_index, self.chunk_size = ignore_index, chunk_size
+
+    def forward(self, hidden, lm_head_weight, labels, behavior_logprobs, teacher_ids, teacher_logprobs, bias=None,
+                **kwargs):
+        opts = dict(config=self.config, tail=self.tail, hard_weight=self.hard_weight, temperature=self.temperature,
+                    reduction=self.reduction, ignore_index=self.ignore_index, chunk_size=self.chunk_size)
+        opts.update(kwargs)
+        return fused_pear_distill_loss(hidden, lm_head_weight, labels, behavior_logprobs, teacher_ids,
+                                       teacher_logprobs, bias=bias, **opts)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, tail={self.tail!r}, hard_weight={self.hard_weight}, reduction={self.reduction!r}"

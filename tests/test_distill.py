@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from pear_kernels import PEARConfig, fused_pear_distill_loss, fused_pear_loss
+from pear_kernels import PEARConfig, PEARDistillLoss, fused_pear_distill_loss, fused_pear_loss
 from pear_kernels.kernels import native_cpu
 
 BACKENDS = ["torch"] + (["native"] if native_cpu.available() else [])
@@ -213,6 +213,16 @@ def test_stats_weights_match_the_oracle_weights():
                                        variant="block", return_stats=True)
     want = _oracle_weights(hidden, weight, labels, behavior, cu, "block")
     torch.testing.assert_close(stats.weights.double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_module_form_matches_the_oracle():
+    hidden, weight, labels, behavior, ids, lq, cu = _problem()
+    mod = PEARDistillLoss(PEARConfig(variant="block", block_size=3), tail="bucket", hard_weight=0.2, chunk_size=4)
+    out = mod(hidden, weight, labels, behavior, ids, lq, cu_seqlens=cu, reduction="sum")
+    ref = _oracle(hidden, weight, labels, behavior, ids, lq, cu, variant="block", block_size=3, tail="bucket",
+                  hard_weight=0.2, reduction="sum")
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    assert "bucket" in repr(mod)
 
 
 def test_hard_weight_one_is_the_pear_sft_loss():
