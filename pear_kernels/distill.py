@@ -158,7 +158,9 @@ def fused_pear_distill_loss(
         chunk_size: supervised tokens per logits chunk (default: from a 128 MiB budget).
         backend: "auto", "torch", "native" or "triton" (``PEAR_KERNELS_BACKEND`` sets the default).
         check_values: validate the teacher's values (ids in range and distinct, log-probs not NaN,
-            <= 0, a position's mass in (0, 1]) as well as shapes; False skips the host syncs.
+            <= 0, a position's mass in (0, 1]) as well as shapes; False skips the host syncs,
+            and the caller then guarantees them (repeated ids would, e.g., race in the Triton
+            kernel's sparse update).
         return_stats: also return PEARStats (log-probs of the sampled tokens, weights, ESS, clips).
 
     Returns the loss (float32 for 16-bit inputs), and PEARStats when ``return_stats``.
