@@ -413,6 +413,31 @@ def test_triton_rows_under_the_interpreter(tail, hard_weight, reduction):
     torch.testing.assert_close(w1.grad.double(), w2.grad, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.skipif(not _interpreted_triton(), reason="needs triton imported under TRITON_INTERPRET=1")
+def test_triton_rows_with_the_cuda_gemm_glue(monkeypatch):
+    """On CUDA the Triton rows take triton_pear's logits GEMM and gradient sink; that glue run
+    here on CPU fp32 tensors (the interpreter), against the oracle."""
+    from pear_kernels.kernels import triton_distill
+    from pear_kernels.kernels.triton_pear import _ChunkGrads
+
+    monkeypatch.setattr(triton_distill.TritonDistillRows, "buffer", staticmethod(triton_distill._CudaLogits))
+    monkeypatch.setattr(triton_distill.TritonDistillRows, "sink",
+                        staticmethod(lambda problem, need, buffer: _ChunkGrads(problem, need)))
+    hidden, weight, labels, behavior, ids, lq, _ = _problem(n=11, v=37, k=4, dtype=torch.float32)
+    cu = torch.tensor([0, 5, 11])
+    kw = dict(tail="bucket", hard_weight=0.25, temperature=1.3, variant="sequence")
+    h1, w1 = _leaf(hidden), _leaf(weight)
+    out = fused_pear_distill_loss(h1, w1, labels, behavior, ids, lq, cu_seqlens=cu, chunk_size=4, backend="triton",
+                                  **kw)
+    out.backward()
+    h2, w2 = _leaf(hidden.double()), _leaf(weight.double())
+    ref = _oracle(h2, w2, labels, behavior, ids, lq, cu, **kw)
+    ref.backward()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(h1.grad.double(), h2.grad, rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(w1.grad.double(), w2.grad, rtol=2e-4, atol=2e-5)
+
+
 # ----------------------------------------------------------------------------- the example
 def test_distillation_example_runs():
     """examples/distill_topk.py end to end at smoke size (teacher, top-k records, three arms)."""
