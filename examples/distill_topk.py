@@ -61,6 +61,7 @@ def train_student(tok, batch, sampled_lp, top_ids, top_lp, arm: str, steps: int,
     g = torch.Generator().manual_seed(seed)
     n = batch.input_ids.shape[0]
     student.train()
+    weights = []  # PEAR arm: mean weight and log-ratio clip fraction per step
     for _ in range(steps):
         idx = torch.randint(0, n, (64,), generator=g)
         h = final_hidden_states(student, batch.input_ids[idx])[:, :-1]
@@ -70,11 +71,17 @@ def train_student(tok, batch, sampled_lp, top_ids, top_lp, arm: str, steps: int,
             loss = fused_pear_loss(h, w, y, sampled_lp[idx], bias=b, variant="none")
         else:
             variant = "none" if arm == "distill" else "token"
-            loss = fused_pear_distill_loss(h, w, y, sampled_lp[idx], top_ids[idx], top_lp[idx], bias=b,
-                                           config=PEARConfig(variant=variant), tail=tail)
+            loss, stats = fused_pear_distill_loss(h, w, y, sampled_lp[idx], top_ids[idx], top_lp[idx], bias=b,
+                                                  config=PEARConfig(variant=variant), tail=tail, return_stats=True)
+            weights.append((float(stats.mean_weight), float(stats.ratio_clip_fraction)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if arm == "distill_pear":
+        first, last = weights[: max(1, steps // 10)], weights[-max(1, steps // 10):]
+        mean = lambda xs, i: sum(x[i] for x in xs) / len(xs)  # noqa: E731
+        print(f"    PEAR weights: mean {mean(first, 0):.3f} -> {mean(last, 0):.3f} (first / last tenth of the steps), "
+              f"log-ratio clip fraction {mean(first, 1):.2f} -> {mean(last, 1):.2f}")
     return student.eval()
 
 
