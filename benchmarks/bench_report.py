@@ -32,6 +32,9 @@ LABELS = OrderedDict(
         ("flash_attn_ce", "flash-attn Triton cross-entropy (materialised logits) + PEAR weights"),
         ("distill_fused", "pear_kernels fused top-k distillation (K=8, bucket)"),
         ("distill_naive", "naive top-k distillation (materialised logits)"),
+        ("distill_fused_torch", "pear_kernels fused top-k distillation, chunked torch rows"),
+        ("distill_fused_native", "pear_kernels fused top-k distillation, native C++ softmax passes"),
+        ("distill_liger_jsd", "Liger LigerFusedLinearJSDLoss (chunked torch, eager; online teacher, full-V forward KL)"),
     ]
 )
 

@@ -5,7 +5,7 @@ reference_pear_loss (the materialised-logits oracle) and PEARStats.
 """
 
 from .config import PEARConfig, Variant
-from .distill import fused_pear_distill_loss
+from .distill import PEARDistillLoss, fused_pear_distill_loss
 from .logprobs import fused_token_logprobs
 from .loss import PEARLoss, fused_pear_loss
 from .ops.dispatch import native_status
@@ -20,6 +20,7 @@ __all__ = [
     "PEARLoss",
     "PEARStats",
     "Variant",
+    "PEARDistillLoss",
     "fused_pear_distill_loss",
     "fused_pear_loss",
     "fused_token_logprobs",
