@@ -23,18 +23,34 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Tuple
 
 import torch
 
 from pear_kernels import PEARConfig, fused_pear_loss
-from pear_kernels.rl import (ChainSolverPolicy, CharTokenizer, GRPOConfig, GRPOTrainer, SFTConfig,
-                             SumChainTask, collect_sft_data, generate, pass_at_k, sft_train, tiny_qwen2)
+from pear_kernels.rl import (
+    ChainSolverPolicy,
+    CharTokenizer,
+    GRPOConfig,
+    GRPOTrainer,
+    SFTConfig,
+    SumChainTask,
+    collect_sft_data,
+    generate,
+    pass_at_k,
+    sft_train,
+    tiny_qwen2,
+)
 from pear_kernels.rl.batching import encode_batch
 from pear_kernels.rl.model import final_hidden_states, lm_head_params
-from pear_kernels.rl.study_stats import (Gate, bootstrap_mean_ci, is_natural_order, paired_differences,
-                                         seeds_above)
+from pear_kernels.rl.study_stats import (
+    Gate,
+    bootstrap_mean_ci,
+    is_natural_order,
+    paired_differences,
+    seeds_above,
+)
 
 ARMS = {"plain": "plain SFT", "token": "PEAR token", "block": "PEAR block (B=4)",
         "sequence": "PEAR sequence", "plain_lr": "plain, lr x mean w"}
@@ -300,7 +316,7 @@ def report(data_dir, n_seeds=8):
     if after:
         lines.append(f"- (information) the same ratio after PEAR-token SFT: {statistics.fmean(after):.3f}")
     if bases:
-        lines.append(f"\nbase checkpoints own-style pass@1: " + ", ".join(
+        lines.append("\nbase checkpoints own-style pass@1: " + ", ".join(
             f"seed {s} {b['eval']['pass@1']:.3f}" for s, b in sorted(bases.items())))
         lines.append("PEAR token weight at the base checkpoint, shuffled / natural teacher traces: " + ", ".join(
             f"seed {s} {b['probe']['w_shuffled'] / b['probe']['w_natural']:.2f}" for s, b in sorted(bases.items())

@@ -1,7 +1,6 @@
 """The issue-12 study: statistics against direct computations, and a tiny end-to-end smoke run."""
 
 import importlib.util
-import itertools
 import json
 import os
 import random
@@ -10,8 +9,14 @@ import sys
 
 import pytest
 
-from pear_kernels.rl.study_stats import (Gate, bootstrap_mean_ci, is_natural_order, paired_differences,
-                                         seeds_above, written_order)
+from pear_kernels.rl.study_stats import (
+    Gate,
+    bootstrap_mean_ci,
+    is_natural_order,
+    paired_differences,
+    seeds_above,
+    written_order,
+)
 
 
 def test_paired_differences_match_direct():
