@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union  # noqa: F401
 import torch
 
 from .config import PEARConfig, Variant
-from .ops.fused_linear_pear import fused_linear_pear
+from .ops.fused_linear_pear import fused_linear_pear, loss_scale
 from .problem_inputs import loss_options, prepare_problem, shift_targets
 from .stats import summarize
 
@@ -142,9 +142,7 @@ def fused_pear_loss(
         if reduction == "none":
             out.append(layout_scatter(z, layout, chk.input_shape, loss.dtype))
         else:
-            denom = 1.0 if reduction == "sum" else (
-                float(num_items_in_batch) if num_items_in_batch is not None else float(max(layout.num_supervised, 1)))
-            out.append((z.sum() / denom).to(loss.dtype))
+            out.append((z.sum() * loss_scale(reduction, num_items_in_batch, layout.num_supervised)).to(loss.dtype))
     if return_lse:
         out.append(layout_scatter(result.lse, layout, chk.input_shape, torch.float32))
     if return_stats:

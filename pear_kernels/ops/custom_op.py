@@ -24,6 +24,7 @@ import torch
 from ..config import PEARConfig
 from ..kernels.problem import LossOptions
 from .dispatch import select_backend
+from .fused_linear_pear import loss_scale
 
 __all__ = ["pear_loss_op"]
 
@@ -78,7 +79,7 @@ def pear_loss_op(
             log_w[layout.sup_index] = result.log_w
             empty = hidden.new_empty(0)
             return loss.reshape(labels.shape), empty, empty.clone(), empty.clone(), log_w
-        scale = 1.0 if reduction == "sum" else 1.0 / (float(num_items) if num_items is not None else float(max(m, 1)))
+        scale = loss_scale(reduction, num_items, m)
         result = module.forward(problem, grad_scale=scale, need=(need_dh, need_dw, need_db and bias is not None))
     loss = (result.loss_sum * scale).to(out_dtype)
     g = result.grads

@@ -22,7 +22,7 @@ import torch
 from ..kernels import native_cpu, torch_chunked, torch_distill
 from ..kernels.problem import PEARProblem
 from .dispatch import select_backend
-from .fused_linear_pear import _loss_dtype, _needed_grads, finish_grads
+from .fused_linear_pear import _loss_dtype, _needed_grads, finish_grads, loss_scale
 from .once import differentiable_once
 
 __all__ = ["FusedLinearDistillFunction", "fused_linear_distill", "select_distill_rows"]
@@ -67,10 +67,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
             ctx.problem, ctx.targets = replace(problem, hidden=None, weight=None, bias=None), targets
         else:
             m = layout.num_supervised
-            if reduction == "sum":
-                scale = 1.0
-            else:
-                scale = 1.0 / (float(num_items) if num_items is not None else float(max(m, 1)))
+            scale = loss_scale(reduction, num_items, m)
             result = torch_distill.forward(problem, targets, rows_math, grad_scale=scale, need=need)
             loss = (result.loss_sum * scale).to(out_dtype)
             g = result.grads

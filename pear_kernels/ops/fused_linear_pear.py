@@ -38,6 +38,17 @@ def _needed_grads(hidden, weight, bias) -> Tuple[bool, bool, bool]:
     )
 
 
+def loss_scale(reduction: str, num_items, num_supervised: int) -> float:
+    """d loss / d (sum of weighted token losses): 1 for "sum"; for "mean", 1 / num_items_in_batch
+    when given, else 1 / the supervised-token count (at least 1). The one place the normaliser
+    of the fused losses is computed."""
+    if reduction == "sum":
+        return 1.0
+    if num_items is not None:
+        return 1.0 / float(num_items)
+    return 1.0 / float(max(num_supervised, 1))
+
+
 def finish_grads(ctx, dh, dw, db, grad_out=None):
     """Scale saved gradients by grad_output (when given) and round them to the inputs' dtypes:
     the one place the 16-bit rounding happens, after any upstream scale (GradScaler)."""
@@ -89,12 +100,7 @@ class FusedLinearPEARFunction(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, result.log_w)
             ctx.problem = replace(problem, hidden=None, weight=None, bias=None)
         else:
-            if reduction == "sum":
-                scale = 1.0
-            elif num_items is not None:
-                scale = 1.0 / float(num_items)
-            else:
-                scale = 1.0 / float(max(m, 1))
+            scale = loss_scale(reduction, num_items, m)
             result = backend.forward(problem, grad_scale=scale, need=need)
             loss = (result.loss_sum * scale).to(out_dtype)
             grads = result.grads
