@@ -198,3 +198,25 @@ def test_load_pear_dataset_is_a_datasets_dataset_and_streams(tmp_path):
     # the messages keep file and line
     with pytest.raises(Exception, match=r"d\.jsonl:3"):
         load_pear_dataset(path, tok)
+
+
+def test_num_proc_gives_the_same_dataset_and_the_same_first_error(tmp_path):
+    """Worker processes (spawned) build the same examples in the same order; skipped examples
+    keep their input index; the first misaligned example in input order raises with its file
+    and line, as with one process."""
+    tok = hf_utils.tokenizer()
+    recs = hf_utils.text_records(11, seed=3)
+    for i in (4, 9):  # misaligned: reversed ids
+        recs[i] = dict(recs[i], behavior_token_ids=list(reversed(recs[i]["behavior_token_ids"])))
+    path = hf_utils.write_jsonl(tmp_path / "d.jsonl", recs)
+    one = load_pear_dataset(path, tok, skip_misaligned=True)
+    two = load_pear_dataset(path, tok, skip_misaligned=True, num_proc=2)
+    assert two.to_list() == one.to_list() and len(two) == 9
+    assert [s[:2] for s in two.skipped] == [s[:2] for s in one.skipped] == [(4, f"{path}:5"), (9, f"{path}:10")]
+    with pytest.raises(MisalignedExampleError, match=r"example 4 \(.*d\.jsonl:5\)") as err:
+        load_pear_dataset(path, tok, num_proc=2)
+    assert err.value.index == 4
+    with pytest.raises(ValueError, match="num_proc"):
+        load_pear_dataset(path, tok, num_proc=0)
+    with pytest.raises(ValueError, match="num_proc.*streaming"):
+        load_pear_dataset(path, tok, num_proc=2, streaming=True)

@@ -126,27 +126,44 @@ def test_trl_refuses_settings_that_misalign_or_replace_the_loss(tmp_path):
     with pytest.raises(ValueError, match="dft"):
         PEARSFTTrainer(model=hf_utils.model(), args=pear_sft_config(str(tmp_path), loss_type="dft", use_cpu=True),
                        train_dataset=ds, processing_class=tok)
+    with pytest.raises(ValueError, match="completion_only_loss=False"):
+        PEARSFTTrainer(model=hf_utils.model(), train_dataset=ds, processing_class=tok,
+                       args=pear_sft_config(str(tmp_path), completion_only_loss=False, use_cpu=True))
+    with pytest.raises(ValueError, match="packing=True"):
+        PEARSFTTrainer(model=hf_utils.model(), train_dataset=ds, processing_class=tok,
+                       args=pear_sft_config(str(tmp_path), packing=True, use_cpu=True))
     with pytest.raises(ValueError, match="needs \\['input_ids', 'labels', 'behavior_logprobs'\\]"):
         PEARSFTTrainer(model=hf_utils.model(), args=pear_sft_config(str(tmp_path), use_cpu=True),
                        train_dataset=ds.remove_columns("behavior_logprobs"), processing_class=tok)
 
 
-def test_trl_accepts_a_pear_dataset_and_completion_only_flags(tmp_path):
+def test_trl_accepts_a_pear_dataset_completion_and_assistant_only_and_liger(tmp_path):
     """load_pear_dataset's PEARDataset goes straight into PEARSFTTrainer (TRL wants a
-    datasets.Dataset); completion_only_loss holds by construction (prompt labels are -100), so
-    the flag changes nothing."""
+    datasets.Dataset); completion_only_loss and assistant_only_loss hold by construction (only
+    the reply carries labels), so the flags change nothing; TRL's use_liger_kernel=True (Liger's
+    fused cross-entropy patched in during __init__) still trains with the PEAR loss."""
     from pear_kernels.transformers import PEARSFTTrainer, pear_sft_config
+    from pear_kernels.transformers.patch import pear_state
 
-    losses = []
-    for completion_only in (None, True):
+    pytest.importorskip("liger_kernel")
+    # Liger's RMSNorm/RoPE/SwiGLU are Triton kernels (no CPU); its fused linear cross-entropy
+    # replaces the forward, which is what PEAR has to survive
+    liger = dict(use_liger_kernel=True, liger_kernel_config={"rope": False, "rms_norm": False, "swiglu": False})
+    runs = {"default": {}, "completion_only": dict(completion_only_loss=True),
+            "assistant_only": dict(assistant_only_loss=True), "liger": liger}
+    losses = {}
+    for name, kw in runs.items():
         model = hf_utils.model(seed=1)
-        args = pear_sft_config(str(tmp_path / str(completion_only)), per_device_train_batch_size=4, max_steps=2,
+        args = pear_sft_config(str(tmp_path / name), per_device_train_batch_size=4, max_steps=2,
                                learning_rate=1e-2, logging_steps=1, save_strategy="no", use_cpu=True, bf16=False,
-                               disable_tqdm=True, seed=0, completion_only_loss=completion_only)
+                               disable_tqdm=True, seed=0, **kw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer = PEARSFTTrainer(model=model, args=args, train_dataset=_dataset(8),
                                      processing_class=hf_utils.tokenizer(), pear_config=_CFG)
+            assert pear_state(trainer.model) is not None
             trainer.train()
-        losses.append(_losses(trainer))
-    assert losses[0] == pytest.approx(losses[1])
+        losses[name] = _losses(trainer)
+        assert args.assistant_only_loss == kw.get("assistant_only_loss", False)  # the user's config is untouched
+    for name in runs:
+        assert losses[name] == pytest.approx(losses["default"], rel=1e-6), name

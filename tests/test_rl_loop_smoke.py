@@ -50,6 +50,18 @@ def test_sft_steps(setup, variant):
         assert all(w == 1.0 for w in hist["weights"])
 
 
+def test_sft_until_stops_early_and_is_called_each_step(setup):
+    task, _, tok, data, init = setup
+    model = copy.deepcopy(init)
+    seen = []
+    hist = sft_train(model, tok, data, PEARConfig(variant="none"), SFTConfig(steps=6, batch_size=16, seed=0),
+                     until=lambda done: seen.append(done) or done == 4)
+    assert seen == [1, 2, 3, 4] and len(hist["loss"]) == 4 and model.training
+    ref = copy.deepcopy(init)
+    full = sft_train(ref, tok, data, PEARConfig(variant="none"), SFTConfig(steps=6, batch_size=16, seed=0))
+    assert full["loss"][:4] == hist["loss"]  # the same batches up to the stop
+
+
 class ParityTask(SumChainTask):
     """An easy reward (even completion length) so that a random model sees both outcomes."""
 

@@ -59,10 +59,12 @@ def sft_train(
     *,
     log: Optional[Callable[[int, Dict[str, float]], None]] = None,
     keep_weights_from: Optional[int] = None,
+    until: Optional[Callable[[int], bool]] = None,
 ) -> Dict[str, list]:
     """Train in place. Returns the history: loss and PEAR stats per step, and (from step
     ``keep_weights_from`` on, default the last fifth) the PEAR weights of every supervised
-    token, for plotting their distribution."""
+    token, for plotting their distribution. ``until(steps_done)`` is called after each step;
+    training stops early when it returns True (``config.steps`` is the most it runs)."""
     rng = random.Random(f"sft-batches-{config.seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -95,5 +97,8 @@ def sft_train(
             history["weights"].append(stats.weights[stats.mask].detach().clone())
         if log is not None:
             log(step, {"loss": float(loss.detach()), **stats.scalars()})
+        if until is not None and until(step + 1):
+            model.train()  # the callback may have evaluated
+            break
     history["weights"] = torch.cat(history["weights"]).tolist() if history["weights"] else []
     return history

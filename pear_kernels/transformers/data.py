@@ -67,6 +67,10 @@ class MisalignedExampleError(ValueError):
             f"position {position}: stored {stored!r}, tokenized {tokenized!r}{detail}. The log-probs "
             "would be misaligned; fix the data or pass skip_misaligned=True to skip such examples"
         )
+        self._detail = detail
+
+    def __reduce__(self):  # num_proc workers send it back to the parent intact
+        return (type(self), (self.index, self.where, self.position, self.stored, self.tokenized, self._detail))
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -551,6 +555,33 @@ def _build_or_skip(index, where, rec, tokenizer, max_length, skip_misaligned, ad
     return ex, None
 
 
+def _build_slice(start, items, kw):
+    """Worker body for num_proc: (index, where, example, reason) per record, in order."""
+    return [(start + i, where) + _build_or_skip(start + i, where, rec, **kw) for i, (where, rec) in enumerate(items)]
+
+
+def _build_in_workers(items, num_proc: int, kw):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if not items:
+        return []
+    # a few slices per worker evens out uneven lengths; spawn, not fork: a forked child of a
+    # process that already ran torch or a Rust tokenizer's thread pool can deadlock
+    step = max(1, -(-len(items) // (4 * num_proc)))
+    with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_build_slice, i, items[i:i + step], kw) for i in range(0, len(items), step)]
+        out = []
+        try:
+            for f in futures:  # in input order: the first failing example raises first
+                out.extend(f.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    return out
+
+
 def load_pear_dataset(
     source,
     tokenizer=None,
@@ -561,6 +592,7 @@ def load_pear_dataset(
     append_eos: Optional[bool] = None,
     ignore_index: int = -100,
     streaming: bool = False,
+    num_proc: Optional[int] = None,
 ):
     """Load and align PEAR examples from JSONL/Parquet files, a ``collect`` output dir, or records.
 
@@ -571,6 +603,9 @@ def load_pear_dataset(
     is iterated (for inputs larger than memory; nothing is counted, skipped examples are
     dropped as they come, a misaligned one still raises unless ``skip_misaligned``).
     Every check keeps its message with file and line.
+    ``num_proc`` tokenizes and checks in that many worker processes (spawned, so safe beside
+    torch and a tokenizer's threads); records are read in this process, examples keep their
+    order, and the first failing example (in input order) raises as it would with one process.
 
     ``append_eos``: see build_example (None: follow the stored token ids).
     ``max_length`` truncates from the end; an example left without a supervised token is
@@ -579,6 +614,10 @@ def load_pear_dataset(
     """
     if max_length is not None and (not _is_int(max_length) or max_length < 2):
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    if num_proc is not None and (not _is_int(num_proc) or num_proc < 1):
+        raise ValueError(f"num_proc must be an int >= 1 or None, got {num_proc!r}")
+    if streaming and num_proc not in (None, 1):
+        raise ValueError("num_proc > 1 needs the whole input: it cannot be combined with streaming=True")
     datasets = _datasets()
     kw = dict(tokenizer=tokenizer, max_length=max_length, skip_misaligned=skip_misaligned,
               add_special_tokens=add_special_tokens, append_eos=append_eos, ignore_index=ignore_index)
@@ -591,8 +630,12 @@ def load_pear_dataset(
 
         return datasets.IterableDataset.from_generator(generate)
     examples, skipped = [], []
-    for index, (where, rec) in enumerate(iter_source(source)):
-        ex, reason = _build_or_skip(index, where, rec, **kw)
+    if num_proc is not None and num_proc > 1:
+        built = _build_in_workers(list(iter_source(source)), num_proc, kw)
+    else:
+        built = ((index, where) + _build_or_skip(index, where, rec, **kw)
+                 for index, (where, rec) in enumerate(iter_source(source)))
+    for index, where, ex, reason in built:
         if ex is None:
             skipped.append((index, where, reason))
         else:

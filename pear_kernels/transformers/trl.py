@@ -19,6 +19,16 @@ Checked against TRL 1.16's SFTTrainer, which would otherwise lose PEAR in four w
 5. With ``padding_free=True`` it refuses any custom collator; PEARDataCollator(padding_free=True)
    packs instead (TRL sees padding_free=False on a copy of the config), and the patched forward
    keeps every PEAR weight inside its own sequence.
+6. ``completion_only_loss`` (None or True) and ``assistant_only_loss=True`` hold by construction:
+   the supervised tokens are exactly those with behavior log-probs, the response (for chat
+   records, the final assistant reply; earlier turns are context). TRL would refuse
+   ``assistant_only_loss`` on pre-tokenized data, so it sees False on a copy.
+   ``completion_only_loss=False`` (train on prompt tokens too) is refused: prompt tokens have
+   no behavior log-probs. ``packing=True`` is refused (TRL re-packs prepared data);
+   ``padding_free=True`` packs at collation instead.
+7. ``use_liger_kernel=True``: TRL applies Liger inside ``__init__``; its module patches
+   (RMSNorm, RoPE, SwiGLU) stay and the PEAR forward is put back on top of its fused
+   cross-entropy, so the loss stays PEAR's.
 """
 
 from __future__ import annotations
@@ -93,6 +103,11 @@ class PEARSFTTrainer(SFTTrainer):
             )
         if args.packing:
             raise ValueError("packing=True re-packs prepared data; use padding_free=True to pack at collation")
+        if args.completion_only_loss is False:
+            raise ValueError(
+                "completion_only_loss=False would train on prompt tokens, which have no behavior log-probs: "
+                "PEAR supervises the response only (leave it None or True)"
+            )
         if args.loss_type == "dft":
             raise ValueError("loss_type='dft' replaces the loss; it cannot be combined with PEAR")
         if args.label_smoothing_factor > 0:
@@ -113,14 +128,15 @@ class PEARSFTTrainer(SFTTrainer):
                 )
         # patch first: TRL's add_fused_lm_head wraps whatever forward the model has at __init__
         prepare_pear_model(model, pear_config)
-        if args.padding_free:
+        padding_free = bool(args.padding_free)
+        if args.padding_free or args.assistant_only_loss:
             # TRL refuses a custom collator with padding_free=True; PEARDataCollator packs by itself
             # (position_ids restart per example), so TRL is told padding_free=False on a copy.
-            padding_free = True
+            # assistant_only_loss holds by construction (labels cover the reply only); TRL would
+            # look for a chat-template mask that pre-tokenized data does not carry.
             args = copy.copy(args)
             args.padding_free = False
-        else:
-            padding_free = False
+            args.assistant_only_loss = False
         if data_collator is None:
             data_collator = default_pear_collator(processing_class, model, padding_free=padding_free)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
