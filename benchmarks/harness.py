@@ -168,7 +168,7 @@ def _pear_from_token_ce(token_ce, labels, behavior, cu, variant):
     The log-ratio is logp_theta - logp_beta = -ce - logp_beta, detached (the weight carries no
     gradient); the normalizer is the number of supervised tokens, as in fused_pear_loss.
     """
-    from pear_kernels.weights import pear_weights
+    from pear_kernels.importance import pear_weights
 
     mask = labels != IGNORE_INDEX
     log_ratio = -token_ce.detach().to(torch.float64) - behavior.to(torch.float64)
@@ -184,7 +184,7 @@ def _torch_lce(hidden, weight, labels, behavior, cu, variant, chunk_size=None, m
     from torch.nn import LinearCrossEntropyOptions
 
     if matched:
-        from pear_kernels.kernels.problem import default_chunk_size
+        from pear_kernels.kernels.backend import default_chunk_size
 
         rows = chunk_size or default_chunk_size(weight.shape[0], hidden.element_size())
         options = LinearCrossEntropyOptions(batch_chunk_size=rows)
@@ -357,7 +357,7 @@ def _distill_liger_jsd(hidden, weight, labels, behavior, cu, variant, chunk_size
 
 def _distill_naive(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
     """Materialised logits: log_softmax, gather the teacher's top-k, bucket KL, PEAR weights."""
-    from pear_kernels.weights import pear_weights
+    from pear_kernels.importance import pear_weights
 
     ids, lq = _teacher_topk(labels, weight.shape[0])
     s = torch.log_softmax((hidden @ weight.t()).float(), -1)
@@ -379,7 +379,7 @@ def _floor(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
     dlogits). Sequence: one more logits matmul per chunk (the log-prob pre-pass) when the
     supervised tokens do not fit one chunk, as in the fused path.
     """
-    from pear_kernels.kernels.problem import default_chunk_size
+    from pear_kernels.kernels.backend import default_chunk_size
 
     mask = labels != IGNORE_INDEX
     idx = mask.nonzero().squeeze(1)

@@ -6,12 +6,12 @@ reference_pear_loss (the materialised-logits oracle) and PEARStats.
 
 from .config import PEARConfig, Variant
 from .distill import PEARDistillLoss, fused_pear_distill_loss
+from .importance import pear_log_weights, pear_weights
 from .logprobs import fused_token_logprobs
 from .loss import PEARLoss, fused_pear_loss
 from .ops.dispatch import native_status
 from .reference import reference_pear_loss
 from .stats import PEARStats
-from .weights import pear_log_weights, pear_weights
 
 __version__ = "0.1.0"
 

@@ -14,9 +14,9 @@ import torch
 
 from .checks import BEHAVIOR_LOGPROB_TOLERANCE
 from .config import PEARConfig
+from .inputs import prepare_problem
 from .kernels.torch_distill import DistillTargets
 from .ops.fused_linear_distill import fused_linear_distill
-from .problem_inputs import prepare_problem
 from .stats import PEARStats, summarize
 
 __all__ = ["fused_pear_distill_loss", "PEARDistillLoss", "TAILS"]

@@ -7,8 +7,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .config import PEARConfig, Variant
+from .inputs import loss_options, prepare_problem
 from .ops.fused_linear_logprobs import fused_linear_logprobs
-from .problem_inputs import loss_options, prepare_problem
 
 __all__ = ["fused_token_logprobs"]
 

@@ -7,8 +7,8 @@ from typing import Optional, Tuple, Union  # noqa: F401
 import torch
 
 from .config import PEARConfig, Variant
+from .inputs import loss_options, prepare_problem, shift_targets
 from .ops.fused_linear_pear import fused_linear_pear, loss_scale
-from .problem_inputs import loss_options, prepare_problem, shift_targets
 from .stats import summarize
 
 __all__ = ["fused_pear_loss", "PEARLoss"]

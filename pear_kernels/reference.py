@@ -13,9 +13,9 @@ import torch
 
 from .checks import check_inputs, check_weight_clip
 from .config import PEARConfig
-from .problem_inputs import loss_options
+from .importance import build_layout, compute_log_weights
+from .inputs import loss_options
 from .stats import PEARStats, summarize
-from .weights import build_layout, compute_log_weights
 
 __all__ = ["reference_pear_loss", "reduce_token_losses"]
 

@@ -8,7 +8,7 @@ from typing import Dict
 import torch
 
 from .config import PEARConfig
-from .weights import SequenceLayout
+from .importance import SequenceLayout
 
 __all__ = ["PEARStats", "summarize"]
 

@@ -415,14 +415,14 @@ def test_triton_rows_under_the_interpreter(tail, hard_weight, reduction):
 
 @pytest.mark.skipif(not _interpreted_triton(), reason="needs triton imported under TRITON_INTERPRET=1")
 def test_triton_rows_with_the_cuda_gemm_glue(monkeypatch):
-    """On CUDA the Triton rows take triton_pear's logits GEMM and gradient sink; that glue run
-    here on CPU fp32 tensors (the interpreter), against the oracle."""
+    """On CUDA the Triton rows take triton_chunked's logits GEMM and gradient sink; that glue
+    run here on CPU fp32 tensors (the interpreter), against the oracle."""
     from pear_kernels.kernels import triton_distill
-    from pear_kernels.kernels.triton_pear import _ChunkGrads
+    from pear_kernels.kernels.triton_chunked import grad_sink
 
     monkeypatch.setattr(triton_distill.TritonDistillRows, "buffer", staticmethod(triton_distill._CudaLogits))
     monkeypatch.setattr(triton_distill.TritonDistillRows, "sink",
-                        staticmethod(lambda problem, need, buffer: _ChunkGrads(problem, need)))
+                        staticmethod(lambda problem, need, buffer: grad_sink(problem, need)))
     hidden, weight, labels, behavior, ids, lq, _ = _problem(n=11, v=37, k=4, dtype=torch.float32)
     cu = torch.tensor([0, 5, 11])
     kw = dict(tail="bucket", hard_weight=0.25, temperature=1.3, variant="sequence")

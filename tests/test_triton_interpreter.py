@@ -34,9 +34,9 @@ if not isinstance(triton.language.zeros, InterpretedFunction):
                 "interpreted in this process", allow_module_level=True)
 
 from pear_kernels import PEARConfig, fused_pear_loss, fused_token_logprobs, reference_pear_loss  # noqa: E402
+from pear_kernels.importance import build_layout, compute_log_weights  # noqa: E402
 from pear_kernels.kernels import torch_chunked  # noqa: E402
 from pear_kernels.ops import dispatch  # noqa: E402
-from pear_kernels.weights import build_layout, compute_log_weights  # noqa: E402
 
 KERNEL_MODULES = (
     "pear_kernels.kernels.triton_utils",

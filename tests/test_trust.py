@@ -120,7 +120,7 @@ def test_double_backward_raises(backend, op):
         loss.backward(create_graph=True)
 
 
-class _CountingSink(torch_chunked._GradSink):
+class _CountingSink(torch_chunked.GradSink):
     made = 0
 
     def __init__(self, *a, **k):
@@ -130,7 +130,7 @@ class _CountingSink(torch_chunked._GradSink):
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no_input_requires_grad"])
 def test_no_gradient_work_without_grad(monkeypatch, mode):
-    monkeypatch.setattr(torch_chunked, "_GradSink", _CountingSink)
+    monkeypatch.setattr(torch_chunked, "GradSink", _CountingSink)
     _CountingSink.made = 0
     hidden, weight, labels, behavior, cu = _packed(dtype=torch.float32)
     if mode != "no_input_requires_grad":

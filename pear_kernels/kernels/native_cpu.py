@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 
 from ..config import Variant
-from ..weights import scan_chunk
+from ..importance import scan_chunk
 from . import torch_chunked
-from .problem import PEARProblem
+from .backend import PEARProblem
 
 __all__ = ["available", "unavailable_reason", "supports_options", "NativeRows", "NativeOptionRows", "forward", "backward", "token_logprobs"]
 

@@ -1,7 +1,8 @@
 """Chunked PyTorch PEAR kernels: the CPU path (and a portable fallback on any device).
 
-Never a (tokens x vocab) tensor: the supervised tokens are cut into chunks of ``rows`` tokens
-and only one (rows x V) logits buffer lives at a time.
+The passes are ``chunk_driver``'s; this module brings their PyTorch row math
+(``TorchKernels``): the logits of a chunk in one reused fp32 buffer, the softmax statistics
+and the weighted softmax-minus-one-hot in place on it, the PEAR scan of ``importance``.
 
 Gradient (per supervised token t, logits z = (h W^T + b) / temperature, p = softmax(z)):
 
@@ -10,20 +11,14 @@ Gradient (per supervised token t, logits z = (h W^T + b) / temperature, p = soft
     dloss/dlogit_raw = dloss/dz / temperature
     dh_t = dlogits_t @ W,   dW = sum_t dlogits_t^T h_t,   db = sum_t dlogits_t
 
-The weight w_t must be known before dlogits_t is reduced into dW. For the token and block
-variants it depends only on later tokens, so chunks are visited from the end of the batch
-(every sequence from its end) and the suffix sums carry across chunk boundaries: one pass,
-3 matmuls per chunk (logits, dh, dW). The sequence variant needs all log-probs of a sequence
-first: a log-prob pre-pass (1 matmul), then the same gradient pass, unless one chunk holds
-everything.
-
 Row work per chunk, in place on one buffer L (float32, float64 for float64 inputs):
     tgt = L[y];  m = max L;  L = exp(L - m);  s = sum L;  logp = tgt - m - log s
     L *= coef / s;  L[y] -= coef                   -> L is now dlogits
 
-The row work goes through a small strategy object (``_row_math``): ``LocalRows`` below for one
-process, or ``vocab_parallel.VocabParallel`` when the vocabulary is split across ranks (it
-combines m, s and tgt across the group and sums the partial dh). The chunk loops are shared.
+The row primitives are a small strategy object (``_row_math``): ``LocalRows`` below for one
+process, ``OptionRows`` with the loss options, the C++ passes of ``native_cpu``, or
+``vocab_parallel.VocabParallel`` when the vocabulary is split across ranks (it combines m, s
+and tgt across the group and sums the partial dh).
 """
 
 from __future__ import annotations
@@ -32,27 +27,15 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..config import Variant
-from ..weights import clip_log_weights, scan_chunk
-from .problem import ForwardResult, Grads, LossOptions, PEARProblem, chunks_from_end
+from ..importance import clip_log_weights, scan_chunk
+from . import chunk_driver
+from .backend import ForwardResult, Grads, LossOptions, PEARProblem, work_dtype
+from .chunk_driver import ChunkStats, GradSink
 
-__all__ = ["forward", "backward", "token_logprobs", "backward_with_entropy"]
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["forward", "backward", "token_logprobs", "backward_with_entropy", "TorchKernels", "LogitsBuffer"]
 
 
-def _token_rows(problem: PEARProblem, start: int, end: int):
-    """Flat positions of compact tokens [start, end): a slice when contiguous, else an index."""
-    idx = problem.layout.sup_index[start:end]
-    first, last = int(idx[0]), int(idx[-1])
-    if last - first == end - start - 1:
-        return slice(first, last + 1)
-    return idx
-
-
-class _LogitsBuffer:
+class LogitsBuffer:
     """One (rows, V) working buffer reused by every chunk of a pass.
 
     Allocating per chunk would keep two buffers alive at the hand-over (the old chunk's array
@@ -69,7 +52,7 @@ class _LogitsBuffer:
 
     def __init__(self, problem: PEARProblem):
         self.problem = problem
-        self.work = _work_dtype(problem.hidden.dtype)
+        self.work = work_dtype(problem.hidden.dtype)
         w = problem.weight
         self.weight = w if w.dtype == self.work else w.to(self.work)
         b = problem.bias
@@ -194,15 +177,6 @@ class OptionRows(LocalRows):
     def logp_entropy_(self, z: torch.Tensor, y: torch.Tensor):
         return _logp_entropy_(self._cap_(z), y)
 
-    def token_terms(self, logp: torch.Tensor):
-        """(token_ce, z_loss) of the chunk just passed through softmax_stats_, float64."""
-        eps = self.o.label_smoothing
-        nll = -logp.to(torch.float64)
-        lse = self.lse.to(torch.float64)
-        ce = nll if not eps else (1.0 - eps) * nll + eps * (lse - self.zmean.to(torch.float64))
-        zl = self.o.lse_square_scale * lse * lse if self.o.lse_square_scale else torch.zeros_like(lse)
-        return ce, zl
-
     def dlogits_ext_(self, expz, s, y, coef, ucoef):
         """In place: exp(z - m) -> dloss/dr for weighted factors coef and unweighted ucoef
         (both already divided by the temperature)."""
@@ -230,223 +204,120 @@ def _row_math(problem: PEARProblem):
     return problem.row_math if problem.row_math is not None else LocalRows
 
 
-class _GradSink:
-    """Accumulates dh (scattered into token rows), dW and db from per-chunk dlogits."""
+class TorchKernels:
+    """``chunk_driver.ChunkKernels`` with PyTorch (or native, or vocabulary-parallel) row math."""
 
-    def __init__(self, problem: PEARProblem, need: Tuple[bool, bool, bool], work_weight: torch.Tensor):
-        h, w = problem.hidden, problem.weight
-        self.work_weight = work_weight  # the weight in the working dtype (fp32 for 16-bit)
-        work = _work_dtype(h.dtype)
-        self.need = need
+    def __init__(self, problem: PEARProblem):
         self.problem = problem
-        # 16-bit inputs: dh stays fp32 and is rounded once, after the upstream gradient (a
-        # GradScaler's scale included) is applied; rounding w * grad_scale * dlogits @ W to
-        # fp16 here would flush small gradients to zero before the scaler could lift them
-        self.dh = torch.zeros(h.shape, dtype=work, device=h.device) if need[0] else None
-        # dW is written, not zero-filled: the first chunk's matmul overwrites it (beta = 0) and
-        # later chunks accumulate. Zero-filling a (V, H) buffer is a full pass over a
-        # parameter-sized tensor: ~3% of the loss at H=896, V=151936 (profiled).
-        self.dw = torch.empty(w.shape, dtype=work, device=w.device) if need[1] else None
-        self._dw_written = False
-        self.db = (
-            torch.zeros(w.shape[0], dtype=work, device=w.device)
-            if need[2] and problem.bias is not None
-            else None
-        )
+        self.buffer = LogitsBuffer(problem)
+        self.rows_math = _row_math(problem)
+        self.extras = isinstance(self.rows_math, OptionRows)
+        self.work_dtype = self.buffer.work
 
-    def add(self, dlogits: torch.Tensor, h_c: torch.Tensor, rows) -> None:
-        w = self.work_weight
-        if self.dh is not None:
-            # fp32 dlogits @ fp32 weight, for 16-bit inputs too
-            if isinstance(rows, slice):
-                torch.mm(dlogits, w, out=self.dh[rows])
-            else:
-                self.dh.index_copy_(0, rows, torch.mm(dlogits, w))
-        if self.dw is not None:
-            h_work = h_c if h_c.dtype == self.dw.dtype else h_c.to(self.dw.dtype)
-            if self._dw_written:
-                self.dw.addmm_(dlogits.t(), h_work)
-            else:
-                torch.mm(dlogits.t(), h_work, out=self.dw)
-                self._dw_written = True
-        if self.db is not None:
-            self.db += dlogits.sum(dim=0)
+    def logits(self, h_c: torch.Tensor) -> torch.Tensor:
+        return self.buffer.logits(h_c)
 
-    def result(self) -> Grads:
-        if self.dw is not None and not self._dw_written:  # no supervised token at all
-            self.dw.zero_()
-        dh = _row_math(self.problem).reduce_grad_hidden(self.dh) if self.dh is not None else None
-        return Grads(dh, self.dw, self.db)
+    def stats(self, z: torch.Tensor, y: torch.Tensor) -> ChunkStats:
+        logp, s = self.rows_math.softmax_stats_(z, y)
+        if self.extras:
+            return ChunkStats(logp, self.rows_math.lse, self.rows_math.zmean, s)
+        return ChunkStats(logp, None, None, s)
+
+    def logp_entropy(self, z: torch.Tensor, y: torch.Tensor):
+        return self.rows_math.logp_entropy_(z, y)
+
+    def weights(self, logp, behavior, d, incl, log_w_raw, start, end, coef_scale):
+        p = self.problem
+        log_ratio = logp.to(torch.float64) - behavior[start:end]
+        log_w_raw[start:end] = self.rows_math.scan(log_ratio, d, incl, p.layout, p.config, start, end)
+        if coef_scale is None:
+            return None
+        return clip_log_weights(log_w_raw[start:end], p.config).exp() * coef_scale
+
+    def dlogits_(self, z, y, st: ChunkStats, coef, ucoef):
+        t = self.problem.temperature
+        c = (coef / t).to(z.dtype)
+        if self.extras:
+            u = (ucoef / t).to(z.dtype) if ucoef is not None else torch.zeros_like(c)
+            return self.rows_math.dlogits_ext_(z, st.state, y, c, u)
+        return self.rows_math.dlogits_(z, st.state, y, c)
+
+    def sink(self, need, post_scale: float) -> GradSink:
+        return GradSink(self.problem, need, self.buffer.weight, post_scale=post_scale,
+                        reduce_dh=self.rows_math.reduce_grad_hidden)
+
+    @staticmethod
+    def post_scale(grad_scale: float) -> float:
+        return 1.0
 
 
-def token_logprobs(problem: PEARProblem, with_entropy: bool = False, buffer: Optional["_LogitsBuffer"] = None):
+def token_logprobs(problem: PEARProblem, with_entropy: bool = False):
     """(M,) log pi_theta of every supervised label, one chunk of logits at a time.
 
     With ``with_entropy`` also returns the (M,) entropy of each token's distribution,
     H = logsumexp(z) - sum_v p_v z_v (of the temperature-scaled logits z).
     """
-    layout = problem.layout
-    m = layout.num_supervised
-    work = _work_dtype(problem.hidden.dtype)
-    out = torch.empty(m, dtype=work, device=problem.hidden.device)
-    ent = torch.empty(m, dtype=work, device=problem.hidden.device) if with_entropy else None
-    buffer = buffer if buffer is not None else _LogitsBuffer(problem)
-    rows_math = _row_math(problem)
-    for start, end in chunks_from_end(m, problem.rows()):
-        h_c = problem.hidden[_token_rows(problem, start, end)]
-        y = problem.labels[layout.sup_index[start:end]]
-        z = buffer.logits(h_c)
-        if ent is None:
-            out[start:end], _ = rows_math.softmax_stats_(z, y)
-        else:
-            out[start:end], ent[start:end] = rows_math.logp_entropy_(z, y)
-    return (out, ent) if with_entropy else out
+    return chunk_driver.token_logprobs(problem, TorchKernels(problem), with_entropy)
 
 
-def forward(
-    problem: PEARProblem,
-    grad_scale: Optional[float] = None,
-    need: Tuple[bool, bool, bool] = (False, False, False),
-) -> ForwardResult:
+def forward(problem: PEARProblem, grad_scale: Optional[float] = None,
+            need: Tuple[bool, bool, bool] = (False, False, False)) -> ForwardResult:
     """Log-probs, weights and the weighted loss sum; with grad_scale, the gradients too."""
-    layout, config = problem.layout, problem.config
-    m = layout.num_supervised
-    device = problem.hidden.device
-    rows = problem.rows()
-    behavior = problem.behavior_logprobs[layout.sup_index].to(torch.float64)
-    want_grads = grad_scale is not None and any(need)
-    buffer = _LogitsBuffer(problem)
-    sink = _GradSink(problem, need, buffer.weight) if want_grads else None
-
-    logp_all = torch.empty(m, dtype=_work_dtype(problem.hidden.dtype), device=device)
-    d = torch.empty(m, dtype=torch.float64, device=device)
-    incl = torch.empty(m, dtype=torch.float64, device=device)
-    log_w_raw = torch.empty(m, dtype=torch.float64, device=device)
-
-    rows_math = _row_math(problem)
-    extras = isinstance(rows_math, OptionRows)
-    token_ce = torch.empty(m, dtype=torch.float64, device=device) if extras else None
-    z_loss = torch.empty(m, dtype=torch.float64, device=device) if extras else None
-    lse_all = torch.empty(m, dtype=torch.float64, device=device) if extras else None
-
-    # The sequence weight needs every log-prob of a sequence before any of its gradients.
-    prepass = config.variant is Variant.SEQUENCE and m > rows
-    if prepass:
-        logp_all = token_logprobs(problem, buffer=buffer)
-        log_w_raw = scan_chunk(logp_all.to(torch.float64) - behavior, d, incl, layout, config, 0, m)
-        if sink is None and not extras:
-            return _finish(problem, logp_all, behavior, log_w_raw, None)
-
-    weights_known = prepass
-    for start, end in chunks_from_end(m, rows):
-        token_rows = _token_rows(problem, start, end)
-        h_c = problem.hidden[token_rows]
-        y = problem.labels[layout.sup_index[start:end]]
-        expz = buffer.logits(h_c)
-        logp, sumexp = rows_math.softmax_stats_(expz, y)
-        if extras:
-            token_ce[start:end], z_loss[start:end] = rows_math.token_terms(logp)
-            lse_all[start:end] = rows_math.lse
-        if not weights_known:
-            logp_all[start:end] = logp
-            # (sequence variant without pre-pass: this one chunk holds every token)
-            log_ratio = logp.to(torch.float64) - behavior[start:end]
-            log_w_raw[start:end] = rows_math.scan(log_ratio, d, incl, layout, config, start, end)
-        if sink is not None:
-            w = clip_log_weights(log_w_raw[start:end], config).exp()
-            unit = grad_scale / problem.temperature
-            coef = (w * unit).to(expz.dtype)
-            if extras:
-                ucoef = torch.full_like(coef, unit)
-                dl = rows_math.dlogits_ext_(expz, sumexp, y, coef, ucoef)
-            else:
-                dl = rows_math.dlogits_(expz, sumexp, y, coef)
-            sink.add(dl, h_c, token_rows)
-    return _finish(problem, logp_all, behavior, log_w_raw, sink.result() if sink else None,
-                   token_ce, z_loss, lse_all)
-
-
-def _finish(problem, logp, behavior, log_w_raw, grads, token_ce=None, z_loss=None, lse=None) -> ForwardResult:
-    log_w = clip_log_weights(log_w_raw, problem.config)
-    ce = -logp.to(torch.float64) if token_ce is None else token_ce
-    loss_sum = (log_w.exp() * ce).sum()
-    if z_loss is not None:
-        loss_sum = loss_sum + z_loss.sum()
-    return ForwardResult(
-        logp=logp,
-        log_ratio=logp.to(torch.float64) - behavior,
-        log_w_raw=log_w_raw,
-        log_w=log_w,
-        loss_sum=loss_sum,
-        grads=grads,
-        token_ce=token_ce,
-        z_loss=z_loss,
-        lse=lse,
-    )
+    return chunk_driver.forward(problem, TorchKernels(problem), grad_scale, need)
 
 
 def backward(problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, bool],
              ucoef: Optional[torch.Tensor] = None) -> Grads:
     """Recompute pass: gradients for per-token factors ``coef`` (M,) of w * grad_output
     (and, with loss options, ``ucoef`` (M,) = grad_output for the unweighted z-loss)."""
-    layout = problem.layout
-    buffer = _LogitsBuffer(problem)
-    sink = _GradSink(problem, need, buffer.weight)
-    rows_math = _row_math(problem)
-    extras = isinstance(rows_math, OptionRows)
-    for start, end in chunks_from_end(layout.num_supervised, problem.rows()):
-        token_rows = _token_rows(problem, start, end)
-        h_c = problem.hidden[token_rows]
-        y = problem.labels[layout.sup_index[start:end]]
-        expz = buffer.logits(h_c)
-        _, sumexp = rows_math.softmax_stats_(expz, y)
-        c = (coef[start:end] / problem.temperature).to(expz.dtype)
-        if extras:
-            u = ucoef[start:end] if ucoef is not None else torch.zeros_like(coef[start:end])
-            dl = rows_math.dlogits_ext_(expz, sumexp, y, c, (u / problem.temperature).to(expz.dtype))
-        else:
-            dl = rows_math.dlogits_(expz, sumexp, y, c)
-        sink.add(dl, h_c, token_rows)
-    return sink.result()
+    return chunk_driver.backward(problem, TorchKernels(problem), coef, need, ucoef)
 
 
-def backward_with_entropy(problem: PEARProblem, coef: torch.Tensor, ent_coef: torch.Tensor,
-                          need: Tuple[bool, bool, bool]) -> Grads:
-    """Recompute pass for upstream gradients of both the log-probs and the entropies.
+class _EntropyGradKernels(TorchKernels):
+    """Row math of the gradient through both the log-probs and the entropies.
 
     With z the (capped) tempered logits, p = softmax(z), H = lse(z) - sum_v p_v z_v:
 
         d logp_y / dz_v = onehot_v(y) - p_v
         d H / dz_v      = -p_v (z_v - E_p[z])        (shift invariant: z - m serves)
 
-    ``coef`` = -dL/dlogp (the factor of p - onehot, as in ``backward``), ``ent_coef`` = dL/dH.
+    ``coef`` = -dL/dlogp (the factor of p - onehot, as in ``backward``), the second factor
+    ``ucoef`` = dL/dH.
     """
-    if problem.vocab_parallel is not None:
-        raise ValueError("the entropy gradient is not implemented with vocab_parallel_group")
-    layout = problem.layout
-    buffer = _LogitsBuffer(problem)
-    sink = _GradSink(problem, need, buffer.weight)
-    cap = OptionRows(problem.options, problem.temperature) if problem.options.softcap is not None else None
-    for start, end in chunks_from_end(layout.num_supervised, problem.rows()):
-        token_rows = _token_rows(problem, start, end)
-        h_c = problem.hidden[token_rows]
-        y = problem.labels[layout.sup_index[start:end]]
-        z = buffer.logits(h_c)
-        if cap is not None:
-            z = cap._cap_(z)
+
+    def __init__(self, problem: PEARProblem):
+        super().__init__(problem)
+        self.cap = OptionRows(problem.options, problem.temperature) if problem.options.softcap is not None else None
+
+    def stats(self, z, y) -> ChunkStats:
+        if self.cap is not None:
+            z = self.cap._cap_(z)
         z.sub_(z.amax(dim=1, keepdim=True))
         z.clamp_(min=torch.finfo(z.dtype).min)  # -inf logits: p = 0, and 0 * finite = 0
         e = torch.exp(z)
         s = e.sum(dim=1)
         ez = (e * z).sum(dim=1) / s
-        c = (coef[start:end] / problem.temperature).to(z.dtype)
-        hc = (ent_coef[start:end] / problem.temperature).to(z.dtype)
+        return ChunkStats(None, None, None, (e, s, ez))
+
+    def dlogits_(self, z, y, st: ChunkStats, coef, ucoef):
+        e, s, ez = st.state
+        t = self.problem.temperature
+        c = (coef / t).to(z.dtype)
+        hc = (ucoef / t).to(z.dtype)
         # z <- c p - hc p (z - E z) - c onehot. e multiplies (z - E z) first: where e = 0 (a
         # -inf logit clamped to the most negative float) the product is 0 before any scaling
         # could overflow it to inf (inf * 0 would be NaN)
         z.sub_(ez[:, None]).mul_(e).mul_(-hc[:, None]).add_(e.mul_(c[:, None])).div_(s[:, None])
         z.scatter_add_(1, y[:, None], -c[:, None])
-        if cap is not None:
-            z.mul_(cap.dcap)
-        sink.add(z, h_c, token_rows)
-    return sink.result()
+        if self.cap is not None:
+            z.mul_(self.cap.dcap)
+        return z
+
+
+def backward_with_entropy(problem: PEARProblem, coef: torch.Tensor, ent_coef: torch.Tensor,
+                          need: Tuple[bool, bool, bool]) -> Grads:
+    """Recompute pass for upstream gradients of both the log-probs (``coef`` = -dL/dlogp) and
+    the entropies (``ent_coef`` = dL/dH); see ``_EntropyGradKernels``."""
+    if problem.vocab_parallel is not None:
+        raise ValueError("the entropy gradient is not implemented with vocab_parallel_group")
+    return chunk_driver.backward(problem, _EntropyGradKernels(problem), coef, need, ent_coef)

@@ -51,9 +51,12 @@ from typing import Optional, Tuple
 import torch
 
 from ..config import Variant
-from ..weights import clip_log_weights, scan_chunk
-from .problem import ForwardResult, Grads, PEARProblem, chunks_from_end
-from .torch_chunked import _GradSink, _LogitsBuffer, _token_rows, _work_dtype
+from ..importance import clip_log_weights, scan_chunk
+from .backend import ForwardResult, Grads, PEARProblem, chunks_from_end
+from .backend import work_dtype as _work_dtype
+from .chunk_driver import GradSink
+from .chunk_driver import token_rows as _token_rows
+from .torch_chunked import LogitsBuffer as _LogitsBuffer
 
 __all__ = [
     "DistillTargets",
@@ -102,7 +105,7 @@ class TorchDistillRows:
 
     @staticmethod
     def sink(problem: PEARProblem, need, buffer: _LogitsBuffer):
-        return _GradSink(problem, need, buffer.weight)
+        return GradSink(problem, need, buffer.weight)
 
     @staticmethod
     def rows(problem: PEARProblem) -> int:

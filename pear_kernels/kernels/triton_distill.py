@@ -162,9 +162,9 @@ class _CudaLogits:
         self.problem = problem
 
     def logits(self, h_c: torch.Tensor) -> torch.Tensor:
-        from .triton_pear import _logits_chunk
+        from .triton_chunked import logits_chunk
 
-        z = _logits_chunk(self.problem, h_c)
+        z = logits_chunk(self.problem, h_c)
         if self.problem.temperature != 1.0:
             z.mul_(1.0 / self.problem.temperature)
         return z
@@ -186,16 +186,14 @@ class TritonDistillRows(TorchDistillRows):
     @staticmethod
     def sink(problem, need, buffer):
         if problem.hidden.is_cuda:
-            from .triton_pear import _ChunkGrads
+            from .triton_chunked import grad_sink
 
-            return _ChunkGrads(problem, need)
+            return grad_sink(problem, need)
         return TorchDistillRows.sink(problem, need, buffer)
 
     @staticmethod
     def rows(problem) -> int:
-        from .triton_pear import _rows
-
-        return _rows(problem)
+        return problem.rows()  # at least GPU_MIN_CHUNK_ROWS on CUDA
 
     @staticmethod
     def stats_(z, y, ids):

@@ -3,7 +3,7 @@
 Two row kernels over a cuBLAS chunk of raw logits r = h W^T + b (rows x V, fp32), the same
 shape of work as triton_rows but with the options' math; the chunk loop is triton_pear's
 chunked path (the fused kernels do not take the options, so a problem with options always
-runs chunked). Per token, with z = cap(r) / T, cap(r) = c tanh(r / c) (identity without a
+runs chunked, through ``chunk_driver`` with ``TritonOptionKernels`` as the row math). Per token, with z = cap(r) / T, cap(r) = c tanh(r / c) (identity without a
 softcap), p = softmax(z), lse = logsumexp(z), eps the smoothing, s_z the z-loss scale:
 
     token_ce = (1 - eps) (lse - z_y) + eps (lse - mean_v z_v)        (weighted by w)
@@ -35,14 +35,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import Variant
-from ..weights import clip_log_weights
-from .problem import ForwardResult, Grads, PEARProblem, chunks_from_end
+from . import chunk_driver
+from .backend import ForwardResult, Grads, PEARProblem
+from .chunk_driver import ChunkStats
+from .triton_chunked import TritonKernels, contiguous_problem
 from .triton_rows import vocab_tile
-from .triton_scan import pear_log_weights, pear_scan_
 from .triton_utils import ROW_WARPS
 
-__all__ = ["option_row_stats", "option_row_dlogits_", "forward", "backward", "token_logprobs"]
+__all__ = ["option_row_stats", "option_row_dlogits_", "TritonOptionKernels", "forward", "backward",
+           "token_logprobs"]
 
 @triton.jit
 def _tanh(x):
@@ -196,127 +197,46 @@ def _factors(problem: PEARProblem, coef: torch.Tensor, ucoef: torch.Tensor, lse:
     return f, t, u
 
 
-def _stats(problem: PEARProblem, logits, y, with_entropy: bool = False):
-    return option_row_stats(logits, y, problem.temperature, problem.options.softcap,
-                            with_mean=bool(problem.options.label_smoothing), with_entropy=with_entropy)
+def _kernels(problem: PEARProblem) -> "TritonOptionKernels":
+    return TritonOptionKernels(contiguous_problem(problem))
+
+
+class TritonOptionKernels(TritonKernels):
+    """``chunk_driver.ChunkKernels`` with the option row kernels above; logits, scan, sink and
+    fp16 post-scaling are TritonKernels'."""
+
+    def stats(self, z, y) -> ChunkStats:
+        o = self.problem.options
+        logp, lse, mean, _ = option_row_stats(z, y, self.problem.temperature, o.softcap,
+                                              with_mean=bool(o.label_smoothing))
+        return ChunkStats(logp, lse, mean, lse)
+
+    def logp_entropy(self, z, y):
+        logp, _, _, ent = option_row_stats(z, y, self.problem.temperature, self.problem.options.softcap,
+                                           with_entropy=True)
+        return logp, ent
+
+    def dlogits_(self, z, y, st: ChunkStats, coef, ucoef):
+        coef = coef.to(torch.float32)
+        ucoef = ucoef.to(torch.float32) if ucoef is not None else torch.zeros_like(coef)
+        f, t, u = _factors(self.problem, coef, ucoef, st.lse)
+        return option_row_dlogits_(z, y, st.lse, f, t, u, self.problem.temperature, self.problem.options.softcap)
 
 
 def token_logprobs(problem: PEARProblem, with_entropy: bool = False):
     """(M,) float32 log-probs (and entropies) of the capped, tempered logits, chunk by chunk."""
-    from . import triton_pear as tp
-
-    m = problem.layout.num_supervised
-    logp = torch.empty(m, dtype=torch.float32, device=problem.hidden.device)
-    ent = torch.empty_like(logp) if with_entropy else None
-    h, y_all = tp._hidden(problem), tp._compact_labels(problem)
-    for start, end in chunks_from_end(m, tp._rows(problem)):
-        logits = tp._logits_chunk(problem, h[problem.layout.sup_index[start:end]])
-        lp, _, _, e = _stats(problem, logits, y_all[start:end], with_entropy)
-        logp[start:end] = lp
-        if with_entropy:
-            ent[start:end] = e
-    return (logp, ent) if with_entropy else logp
+    return chunk_driver.token_logprobs(problem, _kernels(problem), with_entropy)
 
 
-def forward(
-    problem: PEARProblem,
-    grad_scale: Optional[float] = None,
-    need: Tuple[bool, bool, bool] = (False, False, False),
-) -> ForwardResult:
-    """triton_pear.forward's chunked path with the options: log-probs, weights, the token
-    cross-entropy (smoothed), z-loss and lse per token, and with grad_scale the gradients."""
-    from . import triton_pear as tp
-
-    layout, config, o = problem.layout, problem.config, problem.options
-    m = layout.num_supervised
-    dev = problem.hidden.device
-    behavior = problem.behavior_logprobs[layout.sup_index].to(torch.float64).contiguous()
-    d = torch.empty(m, dtype=torch.float64, device=dev)
-    incl = torch.empty(m, dtype=torch.float64, device=dev)
-    log_w_raw = torch.empty(m, dtype=torch.float64, device=dev)
-    logp_all = torch.empty(m, dtype=torch.float32, device=dev)
-    lse_all = torch.empty(m, dtype=torch.float32, device=dev)
-    mean_all = torch.empty(m, dtype=torch.float32, device=dev) if o.label_smoothing else None
-    want_grads = grad_scale is not None and any(need)
-    rows = tp._rows(problem)
-    # fp16: the normaliser is applied after the GEMMs (as triton_pear.forward does)
-    post_scale = grad_scale if (want_grads and problem.hidden.dtype == torch.float16) else 1.0
-    coef_scale = grad_scale / post_scale if want_grads else None
-    h, y_all = tp._hidden(problem), tp._compact_labels(problem)
-
-    # the sequence weight needs every log-prob of its sequence before any of its gradients
-    weights_known = config.variant is Variant.SEQUENCE and m > rows
-    coef_all = None
-    if weights_known:
-        for start, end in chunks_from_end(m, rows):
-            logits = tp._logits_chunk(problem, h[layout.sup_index[start:end]])
-            logp_all[start:end], lse_all[start:end], mean, _ = _stats(problem, logits, y_all[start:end])
-            if mean_all is not None:
-                mean_all[start:end] = mean
-        pear_scan_(logp_all, behavior, layout, config, d, incl, 0, m)
-        coef_all = pear_log_weights(d, incl, layout, config, 0, m, log_w_raw, coef_scale=coef_scale)
-    sink = tp._ChunkGrads(problem, need, post_scale) if want_grads else None
-    # (after a pre-pass without gradients everything is known already)
-    for start, end in chunks_from_end(m, rows) if (sink is not None or not weights_known) else ():
-        token_rows = layout.sup_index[start:end]
-        h_c = h[token_rows]
-        y = y_all[start:end]
-        logits = tp._logits_chunk(problem, h_c)
-        logp, lse, mean, _ = _stats(problem, logits, y)
-        if weights_known:
-            coef = coef_all[start:end]
-        else:
-            logp_all[start:end], lse_all[start:end] = logp, lse
-            if mean_all is not None:
-                mean_all[start:end] = mean
-            pear_scan_(logp, behavior, layout, config, d, incl, start, end)
-            coef = pear_log_weights(d, incl, layout, config, start, end, log_w_raw, coef_scale=coef_scale)
-        if sink is not None:
-            f, t, u = _factors(problem, coef, torch.full_like(coef, coef_scale), lse)
-            option_row_dlogits_(logits, y, lse, f, t, u, problem.temperature, o.softcap)
-            sink.add(logits, h_c, token_rows)
-    return _finish(problem, logp_all, lse_all, mean_all, behavior, log_w_raw, sink.result() if sink else None)
-
-
-def _finish(problem, logp, lse, mean, behavior, log_w_raw, grads) -> ForwardResult:
-    o = problem.options
-    log_w = clip_log_weights(log_w_raw, problem.config)
-    lse64 = lse.to(torch.float64)
-    nll = -logp.to(torch.float64)
-    eps = o.label_smoothing
-    token_ce = (1.0 - eps) * nll + eps * (lse64 - mean.to(torch.float64)) if eps else nll
-    z_loss = o.lse_square_scale * lse64 * lse64 if o.lse_square_scale else torch.zeros_like(lse64)
-    return ForwardResult(
-        logp=logp,
-        log_ratio=logp.to(torch.float64) - behavior,
-        log_w_raw=log_w_raw,
-        log_w=log_w,
-        loss_sum=(log_w.exp() * token_ce).sum() + z_loss.sum(),
-        grads=grads,
-        token_ce=token_ce,
-        z_loss=z_loss,
-        lse=lse64,
-    )
+def forward(problem: PEARProblem, grad_scale: Optional[float] = None,
+            need: Tuple[bool, bool, bool] = (False, False, False)) -> ForwardResult:
+    """Log-probs, weights, the token cross-entropy (smoothed), z-loss and lse per token, and
+    with grad_scale the gradients."""
+    return chunk_driver.forward(problem, _kernels(problem), grad_scale, need)
 
 
 def backward(problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, bool],
              ucoef: Optional[torch.Tensor] = None) -> Grads:
     """Recompute pass for per-token factors coef (= w dL/dloss_t) and ucoef (= dL/dloss_t,
     the unweighted z-loss factor; zeros when None)."""
-    from . import triton_pear as tp
-
-    layout = problem.layout
-    coef32 = coef.to(torch.float32).contiguous()
-    ucoef32 = ucoef.to(torch.float32).contiguous() if ucoef is not None else torch.zeros_like(coef32)
-    sink = tp._ChunkGrads(problem, need)
-    h, y_all = tp._hidden(problem), tp._compact_labels(problem)
-    for start, end in chunks_from_end(layout.num_supervised, tp._rows(problem)):
-        token_rows = layout.sup_index[start:end]
-        h_c = h[token_rows]
-        y = y_all[start:end]
-        logits = tp._logits_chunk(problem, h_c)
-        _, lse, _, _ = _stats(problem, logits, y)
-        f, t, u = _factors(problem, coef32[start:end], ucoef32[start:end], lse)
-        option_row_dlogits_(logits, y, lse, f, t, u, problem.temperature, problem.options.softcap)
-        sink.add(logits, h_c, token_rows)
-    return sink.result()
+    return chunk_driver.backward(problem, _kernels(problem), coef, need, ucoef)

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ..config import PEARConfig, Variant
-from ..weights import SequenceLayout
+from ..importance import SequenceLayout
 from .triton_utils import next_pow2
 
 __all__ = ["pear_scan_", "pear_log_weights", "scan_params", "VARIANT_CODES"]

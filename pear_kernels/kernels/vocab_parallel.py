@@ -12,7 +12,7 @@ ranks only exchange those (Megatron's vocab-parallel cross entropy does the same
     logp = tgt - m - log s                                     identical on every rank
 
 Because logp is identical everywhere, every rank computes the same PEAR weights from it (with
-``weights.py``, as in one process), the same loss, and its own columns of
+``importance.py``, as in one process), the same loss, and its own columns of
 dloss/dz = c * (softmax - onehot):
 
     dz_r = c * exp(z_r - m) / s  - c * onehot(y) restricted to the shard
@@ -34,7 +34,7 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 
-from ..weights import scan_chunk
+from ..importance import scan_chunk
 
 __all__ = ["VocabParallel"]
 

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..config import PEARConfig
-from ..kernels.problem import LossOptions
+from ..kernels.backend import LossOptions
 from .dispatch import select_backend
 from .fused_linear_pear import loss_scale
 
@@ -38,7 +38,7 @@ def _work(dtype: torch.dtype) -> torch.dtype:
 def _prepare(hidden, weight, bias, labels, behavior, cu_seqlens, num_items, variant, gamma, block_size,
              delta_lo, delta_hi, w_lo, w_hi, temperature, reduction, ignore_index, chunk_size, softcap,
              lse_square_scale, label_smoothing):
-    from ..problem_inputs import loss_options, prepare_problem  # API-level helper, imported lazily
+    from ..inputs import loss_options, prepare_problem  # API-level helper, imported lazily
 
     config = PEARConfig(variant=variant, gamma=gamma, block_size=block_size, delta_clip=(delta_lo, delta_hi),
                         log_weight_clip=(w_lo, w_hi))
@@ -196,7 +196,7 @@ pear_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _prepare_logprobs(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, softcap):
     from ..config import Variant
-    from ..problem_inputs import loss_options, prepare_problem
+    from ..inputs import loss_options, prepare_problem
 
     return prepare_problem(
         hidden, weight, labels, torch.zeros(labels.shape, device=labels.device),

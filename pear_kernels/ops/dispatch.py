@@ -8,6 +8,8 @@ the row work, not the matmuls, is a visible share of the time), else the chunked
 ``triton`` on CPU tensors means Triton's CPU interpreter, which needs TRITON_INTERPRET=1
 (the variable decides, when the kernels are first imported, whether they are compiled or
 interpreted). Triton is optional: it is imported only when a Triton backend is chosen.
+``PEAR_KERNELS_TRITON_FUSED=1`` selects the Triton backend's fused recompute path (no logits
+buffer, 4 matmuls; opt-in, see docs/triton_backend.md); it is read here, per selection.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 
 from ..kernels import native_cpu, torch_chunked
 
-__all__ = ["BACKENDS", "select_backend", "requested_backend", "triton_available", "native_status"]
+__all__ = ["BACKENDS", "select_backend", "requested_backend", "triton_available", "native_status",
+           "triton_fused_requested", "FUSED_ENV_VAR"]
 
 BACKENDS = ("auto", "torch", "native", "triton")
 # Largest hidden size at which "auto" uses the native row pass on CPU. Measured round-robin on
@@ -32,6 +35,7 @@ BACKENDS = ("auto", "torch", "native", "triton")
 # V=151936: H=64 0.87, 256 0.93, 896 0.98. Above 512 the matmuls dominate and it is a tie.
 NATIVE_MAX_HIDDEN = 512
 ENV_VAR = "PEAR_KERNELS_BACKEND"
+FUSED_ENV_VAR = "PEAR_KERNELS_TRITON_FUSED"
 
 
 def requested_backend(override: Optional[str] = None) -> str:
@@ -64,15 +68,40 @@ def _triton_imported_compiled() -> bool:
     return not isinstance(getattr(lang, "zeros", None), InterpretedFunction)
 
 
-def _triton_backend() -> ModuleType:
+def triton_fused_requested() -> bool:
+    return os.environ.get(FUSED_ENV_VAR, "0").strip().lower() in ("1", "true", "yes")
+
+
+class FusedTriton:
+    """The Triton backend with its fused recompute path (the ``Backend`` protocol of
+    kernels/backend.py, ``fused=True`` passed on); everything else is the module's."""
+
+    def __init__(self, module: ModuleType):
+        self.module = module
+
+    def forward(self, problem, grad_scale=None, need=(False, False, False)):
+        return self.module.forward(problem, grad_scale, need, fused=True)
+
+    def backward(self, problem, coef, need, ucoef=None):
+        return self.module.backward(problem, coef, need, fused=True, ucoef=ucoef)
+
+    def token_logprobs(self, problem, with_entropy: bool = False):
+        return self.module.token_logprobs(problem, with_entropy)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+def _triton_backend():
     try:
-        return importlib.import_module("pear_kernels.kernels.triton_pear")
+        module = importlib.import_module("pear_kernels.kernels.triton_pear")
     except ImportError as exc:
         if "triton" in str(exc).lower() and not triton_available():
             raise ImportError(
                 "the triton backend needs triton: pip install pear_kernels[triton]"
             ) from exc
         raise
+    return FusedTriton(module) if triton_fused_requested() else module
 
 
 def native_status() -> str:
@@ -85,8 +114,8 @@ def native_status() -> str:
 def select_backend(
     device: torch.device, override: Optional[str] = None, hidden_size: Optional[int] = None,
     options: bool = False,
-) -> ModuleType:
-    """The kernel module for tensors on ``device`` (with the given hidden size).
+):
+    """The kernel module (a ``Backend``) for tensors on ``device`` (with the given hidden size).
 
     ``options``: the loss uses softcap, z-loss, label smoothing or returns the logsumexp.
     Every backend implements them, except a native extension built from an older csrc/

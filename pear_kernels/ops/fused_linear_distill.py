@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..kernels import native_cpu, torch_chunked, torch_distill
-from ..kernels.problem import PEARProblem
+from ..kernels.backend import PEARProblem
 from .dispatch import select_backend
 from .fused_linear_pear import _loss_dtype, _needed_grads, finish_grads, loss_scale
 from .once import differentiable_once

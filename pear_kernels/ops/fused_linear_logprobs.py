@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..kernels import torch_chunked
-from ..kernels.problem import PEARProblem
+from ..kernels.backend import PEARProblem
 from .dispatch import select_backend
 from .once import differentiable_once
 

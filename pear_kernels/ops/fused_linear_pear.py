@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..kernels.problem import ForwardResult, PEARProblem
+from ..kernels.backend import ForwardResult, PEARProblem
 from .dispatch import select_backend
 from .once import differentiable_once
 

@@ -1,30 +1,25 @@
-"""What every backend receives and returns: one problem in, one result out.
+"""The backend contract: what every backend receives (``PEARProblem``), what it returns
+(``ForwardResult``, ``Grads``), and the three calls it answers (``Backend``).
 
-A backend module (``torch_chunked``, ``triton_pear``, ...) exposes
-
-    forward(problem, grad_scale=None, need=(dh, dW, db)) -> ForwardResult
-    backward(problem, coef, log_w_unused, need) -> Grads        (recompute path, reduction="none")
-    token_logprobs(problem) -> (M,) float32 log pi_theta of the supervised labels
-
-``grad_scale`` is the factor d loss / d token_loss (1/normalizer for "mean", 1 for "sum");
-when it is given, forward also returns the gradients (the Liger-style "gradient in forward":
-no logits are kept for backward, and backward only scales). ``coef`` (M,) is the full
-per-token factor of (softmax - onehot) / temperature for the recompute path.
+A backend (``torch_chunked``, ``native_cpu``, ``triton_pear``; ``ops.dispatch`` picks one) is a
+module with the three functions of the ``Backend`` protocol. The chunked backends share one
+loop (``chunk_driver``) and differ in their row math; the chunk sizing is here
+(``PEARProblem.rows``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Protocol, Tuple, Union
 
 import torch
 
 from ..config import PEARConfig
-from ..weights import SequenceLayout
+from ..importance import SequenceLayout
 from .vocab_parallel import VocabParallel
 
-__all__ = ["chunks_from_end", "PEARProblem", "Grads", "ForwardResult", "default_chunk_size", "CHUNK_BUDGET_BYTES",
-           "LossOptions", "NO_OPTIONS"]
+__all__ = ["Backend", "chunks_from_end", "PEARProblem", "Grads", "ForwardResult", "default_chunk_size",
+           "CHUNK_BUDGET_BYTES", "GPU_MIN_CHUNK_ROWS", "LossOptions", "NO_OPTIONS", "work_dtype"]
 
 # Working memory for one chunk of logits. 128 MiB keeps a chunk of a 152k vocabulary at about
 # 220 rows. The three matmuls (H=2048) measured on a 2-core Xeon: 324 GFLOP/s at 256 rows, 323
@@ -34,6 +29,18 @@ CHUNK_BUDGET_BYTES = 128 * 2**20
 # Above this many rows a chunk gains nothing in matmul efficiency, and small-vocabulary
 # problems (RL on toy tasks) would otherwise get one giant chunk.
 MAX_CHUNK_ROWS = 8192
+# On a GPU each chunk's dW += dlogits^T h reads and writes the fp32 dW (8 V H bytes) for 2 V H
+# rows FLOPs: rows / 4 FLOP per byte. The 128 MiB budget gives ~220 rows at V = 152k (55
+# FLOP/byte), far under an H100's ridge point (989 TFLOP/s / 3.35 TB/s = 295), i.e.
+# memory-bound; 1024 rows reach 256 FLOP/byte for 0.9 GiB of fp32 + bf16 logits, so on a GPU
+# chunks get at least that many rows unless the caller sets chunk_size.
+GPU_MIN_CHUNK_ROWS = 1024
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the softmax math and the gradient accumulators: fp64 for fp64 inputs (the
+    oracle and tests), fp32 otherwise (16-bit logits never reach the softmax)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -88,12 +95,14 @@ class PEARProblem:
         return self.weight.shape[0]
 
     def rows(self) -> int:
-        """Chunk length in compact (supervised) tokens."""
+        """Chunk length in compact (supervised) tokens: ``chunk_size`` if set, else the memory
+        budget's rows (at least GPU_MIN_CHUNK_ROWS on CUDA)."""
         if self.chunk_size is not None:
             return max(1, int(self.chunk_size))
         # vocabulary-parallel ranks must agree on the chunking: size it for the largest shard
         vocab = self.vocab_size if self.vocab_parallel is None else self.vocab_parallel.max_shard_size
-        return default_chunk_size(vocab, self.hidden.element_size())
+        rows = default_chunk_size(vocab, self.hidden.element_size())
+        return max(rows, GPU_MIN_CHUNK_ROWS) if self.hidden.device.type == "cuda" else rows
 
 
 def default_chunk_size(vocab_size: int, element_size: int = 4) -> int:
@@ -132,3 +141,30 @@ def chunks_from_end(m: int, rows: int) -> Iterator[Tuple[int, int]]:
         start = max(0, end - rows)
         yield start, end
         end = start
+
+
+class Backend(Protocol):
+    """The three calls a backend module answers (``torch_chunked``, ``native_cpu``,
+    ``triton_pear``). M is the number of supervised tokens, in the compact order of
+    ``problem.layout.sup_index``.
+
+    forward(problem, grad_scale=None, need=(dh, dW, db)) -> ForwardResult
+        log-probs (M,), log-ratios and log-weights (M,) float64, the weighted loss sum; with
+        ``grad_scale`` (d loss / d token loss: 1/normaliser for "mean", 1 for "sum") also
+        the gradients in ``need`` (the "gradient in forward": no logits kept for backward).
+    backward(problem, coef, need, ucoef=None) -> Grads
+        the recompute path (reduction "none", a second differentiation): gradients for the
+        per-token factors coef (M,) = w * d L / d token loss and ucoef (M,) = d L / d token
+        loss (the unweighted z-loss factor; None: zero).
+    token_logprobs(problem, with_entropy=False) -> (M,) log pi_theta [, (M,) entropy]
+        float32 (float64 for float64 inputs), no weights, no gradient.
+    """
+
+    def forward(self, problem: PEARProblem, grad_scale: Optional[float] = None,
+                need: Tuple[bool, bool, bool] = (False, False, False)) -> ForwardResult: ...
+
+    def backward(self, problem: PEARProblem, coef: torch.Tensor, need: Tuple[bool, bool, bool],
+                 ucoef: Optional[torch.Tensor] = None) -> Grads: ...
+
+    def token_logprobs(self, problem: PEARProblem, with_entropy: bool = False
+                       ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]: ...

@@ -16,9 +16,9 @@ import torch
 from .checks import CheckedInputs, check_inputs, check_weight_clip
 from .config import PEARConfig
 from .distributed import agree_vocab_parallel
-from .kernels.problem import NO_OPTIONS, LossOptions, PEARProblem
+from .importance import build_layout
+from .kernels.backend import NO_OPTIONS, LossOptions, PEARProblem
 from .ops.amp import leave_autocast
-from .weights import build_layout
 
 __all__ = ["PreparedProblem", "prepare_problem", "loss_options", "shift_targets"]
 

@@ -1,0 +1,93 @@
+"""Triton chunked row math: ``chunk_driver``'s strategy for the Triton backends.
+
+Per chunk of supervised tokens: raw fp32 logits from a cuBLAS matmul (16-bit inputs: a
+tensor-core matmul, fp32 softmax math), the Triton row kernels (triton_rows) for the softmax
+statistics and the weighted dlogits in place, the Triton PEAR scan (triton_scan), and
+cuBLAS gradients (``grad_sink``). triton_pear runs it for the plain loss, triton_options
+subclasses it with the loss options' row kernels, triton_distill borrows its logits and sink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .backend import PEARProblem
+from .chunk_driver import ChunkStats, GradSink
+from .triton_rows import row_dlogits_, row_stats
+from .triton_scan import pear_log_weights, pear_scan_
+
+__all__ = ["TritonKernels", "grad_sink", "logits_chunk", "contiguous_problem", "hidden_rows", "weight_rows"]
+
+
+def hidden_rows(problem: PEARProblem) -> torch.Tensor:
+    h = problem.hidden
+    return h if h.stride(-1) == 1 else h.contiguous()
+
+
+def weight_rows(problem: PEARProblem) -> torch.Tensor:
+    w = problem.weight
+    return w if w.stride(-1) == 1 else w.contiguous()
+
+
+def grad_sink(problem: PEARProblem, need, post_scale: float = 1.0) -> GradSink:
+    """dh, dW, db from fp32 dlogits chunks with cuBLAS: 16-bit inputs run both GEMMs in the
+    input dtype, dW accumulating in fp32 (an fp32 GEMM on CUDA cores would be ~15x slower than
+    the two 16-bit ones on A100/H100); see chunk_driver.GradSink."""
+    return GradSink(problem, need, weight_rows(problem), low_precision=True, post_scale=post_scale)
+
+
+def logits_chunk(problem: PEARProblem, h_c: torch.Tensor) -> torch.Tensor:
+    """Raw fp32 logits h W^T + b of a chunk (the temperature is applied by the row kernels)."""
+    w, b = weight_rows(problem), problem.bias
+    if h_c.dtype == torch.float32:
+        return torch.addmm(b, h_c, w.t()) if b is not None else torch.mm(h_c, w.t())
+    logits = torch.mm(h_c, w.t()).float()  # 16-bit tensor-core matmul, fp32 softmax math
+    if b is not None:
+        logits += b
+    return logits
+
+
+class TritonKernels:
+    """``chunk_driver.ChunkKernels`` with the Triton row kernels (triton_rows) over cuBLAS
+    logits chunks, and the Triton PEAR scan (triton_scan)."""
+
+    work_dtype = torch.float32
+
+    def __init__(self, problem: PEARProblem):
+        self.problem = problem
+
+    def logits(self, h_c: torch.Tensor) -> torch.Tensor:
+        return logits_chunk(self.problem, h_c)
+
+    def stats(self, z, y) -> ChunkStats:
+        logp, lse, _ = row_stats(z, y, self.problem.temperature)
+        return ChunkStats(logp, None, None, lse)
+
+    def logp_entropy(self, z, y):
+        logp, _, ent = row_stats(z, y, self.problem.temperature, with_entropy=True)
+        return logp, ent
+
+    def weights(self, logp, behavior, d, incl, log_w_raw, start, end, coef_scale):
+        p = self.problem
+        pear_scan_(logp, behavior, p.layout, p.config, d, incl, start, end)
+        return pear_log_weights(d, incl, p.layout, p.config, start, end, log_w_raw, coef_scale=coef_scale)
+
+    def dlogits_(self, z, y, st: ChunkStats, coef, ucoef):
+        return row_dlogits_(z, y, st.state, coef.to(torch.float32).contiguous(), self.problem.temperature)
+
+    def sink(self, need, post_scale: float) -> GradSink:
+        return grad_sink(self.problem, need, post_scale)
+
+    def post_scale(self, grad_scale: float) -> float:
+        # fp16: the normaliser is applied after the GEMMs, not inside the 16-bit dlogits
+        return grad_scale if self.problem.hidden.dtype == torch.float16 else 1.0
+
+
+def contiguous_problem(problem: PEARProblem) -> PEARProblem:
+    """The problem with row-contiguous hidden and weight (what the row kernels index)."""
+    h, w = hidden_rows(problem), weight_rows(problem)
+    return problem if (h is problem.hidden and w is problem.weight) else replace(problem, hidden=h, weight=w)
+
+
