@@ -16,6 +16,8 @@ __all__ = ["CheckedInputs", "check_inputs", "check_cu_seqlens", "check_num_items
 # Behavior log-probs a hair above 0 come from float rounding in the sampler (log of a
 # probability that rounded to 1); anything larger is a bug in the data, not rounding.
 BEHAVIOR_LOGPROB_TOLERANCE = 1e-4
+# The label value that marks a position as not supervised (the Hugging Face / PyTorch default).
+IGNORE_INDEX = -100
 # labels are compared with ignore_index as int64
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 

@@ -20,6 +20,8 @@ import os
 import sys
 from typing import List, Optional
 
+from .checks import IGNORE_INDEX
+
 __all__ = ["main", "build_parser", "EXIT_CODES"]
 
 EXIT_CODES = {
@@ -240,7 +242,7 @@ def _run(args, collect_mod, load_pear_dataset) -> int:
             args.path if len(args.path) > 1 else args.path[0], _tokenizer(args.tokenizer),
             max_length=args.max_length, skip_misaligned=args.skip_misaligned, append_eos=args.append_eos,
         )
-        tokens = sum(sum(1 for y in ex["labels"][1:] if y != -100) for ex in ds)
+        tokens = sum(sum(1 for y in ex["labels"][1:] if y != IGNORE_INDEX) for ex in ds)
         print(json.dumps({"examples": len(ds), "skipped": ds.num_skipped, "supervised_tokens": tokens}))
         for index, where, reason in ds.skipped[:20]:
             print(f"skipped example {index} ({where}): {_one_line(reason)}", file=sys.stderr)

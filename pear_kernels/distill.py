@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .checks import BEHAVIOR_LOGPROB_TOLERANCE
+from .checks import BEHAVIOR_LOGPROB_TOLERANCE, IGNORE_INDEX
 from .config import PEARConfig
 from .inputs import prepare_problem
 from .kernels.torch_distill import DistillTargets
@@ -119,7 +119,7 @@ def fused_pear_distill_loss(
     temperature: float = 1.0,
     reduction: str = "mean",
     num_items_in_batch=None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
     check_values: bool = True,
@@ -205,7 +205,7 @@ class PEARDistillLoss(torch.nn.Module):
     """
 
     def __init__(self, config: Optional[PEARConfig] = None, *, tail: str = "renormalize", hard_weight: float = 0.0,
-                 temperature: float = 1.0, reduction: str = "mean", ignore_index: int = -100,
+                 temperature: float = 1.0, reduction: str = "mean", ignore_index: int = IGNORE_INDEX,
                  chunk_size: Optional[int] = None, **overrides):
         super().__init__()
         if tail not in TAILS:

@@ -6,6 +6,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .checks import IGNORE_INDEX
 from .config import PEARConfig, Variant
 from .inputs import loss_options, prepare_problem
 from .ops.fused_linear_logprobs import fused_linear_logprobs
@@ -20,7 +21,7 @@ def fused_token_logprobs(
     *,
     bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,

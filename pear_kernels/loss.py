@@ -6,6 +6,7 @@ from typing import Optional, Tuple, Union  # noqa: F401
 
 import torch
 
+from .checks import IGNORE_INDEX
 from .config import PEARConfig, Variant
 from .inputs import loss_options, prepare_problem, shift_targets
 from .ops.fused_linear_pear import fused_linear_pear, loss_scale
@@ -31,7 +32,7 @@ def fused_pear_loss(
     temperature: float = 1.0,
     reduction: str = "mean",
     num_items_in_batch=None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_stats: bool = False,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
@@ -197,7 +198,7 @@ class PEARLoss(torch.nn.Module):
         *,
         temperature: float = 1.0,
         reduction: str = "mean",
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         chunk_size: Optional[int] = None,
         **overrides,
     ):

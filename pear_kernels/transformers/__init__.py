@@ -18,8 +18,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .auto import AutoPEARKernelForCausalLM
 from .collator import PEARDataCollator
-from .collect import collect_behavior_logprobs, ingest_generation_logprobs, read_collected
-from .data import MisalignedExampleError, build_example, load_pear_dataset, read_records
+from .collect import collect_behavior_logprobs, ingest_generation_logprobs
+from .data import MisalignedExampleError, build_example, load_pear_dataset
+from .formats import read_collected, read_records
 from .patch import (
     apply_pear_kernel,
     apply_pear_kernel_to_llama,

@@ -25,6 +25,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..checks import IGNORE_INDEX
+
 __all__ = ["PEARDataCollator"]
 
 _COLUMNS = ("input_ids", "labels", "behavior_logprobs")
@@ -38,7 +40,7 @@ class PEARDataCollator:
     padding_side: str = "right"
     pad_to_multiple_of: Optional[int] = None
     padding_free: bool = False
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     return_flash_attn_kwargs: bool = False
 
     def __post_init__(self):

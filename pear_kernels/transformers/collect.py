@@ -13,8 +13,8 @@ stores log pi_beta of every response token next to the token ids it was computed
   rows check out and computes the rest: no row is lost or written twice. The manifest records a
   fingerprint of the tokenized inputs, the model and the settings, and a rerun with different
   ones is refused instead of mixing two collections;
-- ``read_collected`` checks the result when it is read back: every index exactly once, token ids
-  equal to the stored response, log-probs finite and <= 0.
+- ``read_collected`` (formats.py, re-exported here) checks the result when it is read back:
+  every index exactly once, token ids equal to the stored response, log-probs finite and <= 0.
 
 ``ingest_generation_logprobs`` converts log-probs recorded by the sampler (vLLM-style: per
 generated token, the sampled token's log-prob or a {token_id: logprob} dict that contains it)
@@ -35,9 +35,24 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .. import fused_token_logprobs
-from .data import DataFormatError, _decode_json_line, iter_source, tokenize_record
+from ..checks import BEHAVIOR_LOGPROB_TOLERANCE, IGNORE_INDEX
+from .formats import (
+    _OUTPUT_FIELDS,
+    _TOPK_FIELDS,
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARD_FORMATS,
+    DataFormatError,
+    _read_manifest,
+    _read_shard,
+    _shard_format,
+    _shard_name,
+    iter_source,
+    read_collected,
+)
 from .head import call_through_head
 from .sampling import SamplingSettings, processed_distribution
+from .tokenizing import tokenize_record
 
 __all__ = [
     "CollectResult",
@@ -45,13 +60,6 @@ __all__ = [
     "ingest_generation_logprobs",
     "read_collected",
 ]
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-_LOGPROB_TOLERANCE = 1e-4
-# Fields a collection (re)computes; stale values from the input are dropped.
-_OUTPUT_FIELDS = ("index", "prompt_ids", "response_ids", "behavior_token_ids", "behavior_logprobs")
-_TOPK_FIELDS = ("teacher_ids", "teacher_logprobs")
 
 
 @dataclass
@@ -184,20 +192,6 @@ def _pid_alive(pid) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-# New collections write Parquet shards (token ids int32, log-probs float32: 8 bytes a token
-# before compression, against ~42 bytes of JSON text); collections written as JSONL (before
-# shard_format was recorded) are still read and resumed as JSONL.
-SHARD_FORMATS = ("parquet", "jsonl")
-
-
-def _shard_name(k: int, fmt: str = "parquet") -> str:
-    return f"shard-{k:05d}.{fmt}"
-
-
-def _shard_format(manifest: Dict[str, Any]) -> str:
-    return manifest.get("shard_format", "jsonl")
 
 
 def _write_parquet_shard(path: str, rows: List[Dict[str, Any]]) -> None:
@@ -349,7 +343,7 @@ def _score(model, pad_id: int, seqs: List[Tuple[List[int], List[int]]], sampling
     L = max(lengths)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    target = torch.full((len(seqs), L - 1), -100, dtype=torch.long)
+    target = torch.full((len(seqs), L - 1), IGNORE_INDEX, dtype=torch.long)
     for b, (p, r) in enumerate(seqs):
         full = p + r
         ids[b, : len(full)] = torch.tensor(full)
@@ -369,7 +363,7 @@ def _score(model, pad_id: int, seqs: List[Tuple[List[int], List[int]]], sampling
         def processed(h, w, bias):
             flat_h = h.reshape(-1, h.shape[-1]).to(w.dtype)
             flat_y = target.reshape(-1)
-            rows = (flat_y != -100).nonzero().squeeze(1)
+            rows = (flat_y != IGNORE_INDEX).nonzero().squeeze(1)
             out = torch.zeros(flat_y.shape, dtype=torch.float32, device=h.device)
             k_ids = torch.zeros(flat_y.shape + (max(top_k_store, 1),), dtype=torch.long, device=h.device)
             k_lp = torch.zeros(flat_y.shape + (max(top_k_store, 1),), dtype=torch.float32, device=h.device)
@@ -615,95 +609,6 @@ def _collect_locked(model, pad_id, items, plan, identity, fingerprint, settings,
     return CollectResult(output_dir, len(items), len(plan), written, len(done), complete, excluded_total[0])
 
 
-def _read_manifest(output_dir: str) -> Dict[str, Any]:
-    path = os.path.join(output_dir, MANIFEST)
-    try:
-        with open(path, "rb") as f:
-            manifest = _decode_json_line(f.read(), path)
-    except FileNotFoundError:
-        raise DataFormatError(f"{output_dir}: no {MANIFEST}: not a collection directory") from None
-    if not isinstance(manifest, dict):
-        raise DataFormatError(f"{path}: a manifest must be a JSON object")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataFormatError(f"{path}: unsupported format_version {manifest.get('format_version')!r}")
-    shards, n = manifest.get("shards"), manifest.get("num_examples")
-    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
-        raise DataFormatError(f"{path}: malformed manifest: 'num_examples' must be a non-negative integer")
-    if not (isinstance(shards, list) and all(
-        isinstance(m, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in m) for m in shards
-    )):
-        raise DataFormatError(f"{path}: malformed manifest: 'shards' must be a list of lists of example indices")
-    return manifest
-
-
-def _check_row(row: Dict[str, Any], where: str) -> None:
-    for key in _OUTPUT_FIELDS:
-        if key not in row:
-            raise DataFormatError(f"{where}: collected row lacks {key!r}")
-    r, ids, lp = row["response_ids"], row["behavior_token_ids"], row["behavior_logprobs"]
-    if ids != r:
-        raise DataFormatError(f"{where}: behavior_token_ids differ from response_ids")
-    if len(lp) != len(r):
-        raise DataFormatError(f"{where}: {len(lp)} log-probs for {len(r)} response tokens")
-    for j, v in enumerate(lp):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v) or v > _LOGPROB_TOLERANCE:
-            raise DataFormatError(f"{where}: behavior_logprobs[{j}] = {v!r} is not a log-probability")
-
-
-def _read_shard(path: str, items_expected: Optional[List[int]] = None) -> List[Dict[str, Any]]:
-    rows = []
-    if path.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            records = pq.read_table(path).to_pylist()
-        except (pa.ArrowException, OSError) as exc:
-            raise DataFormatError(f"{path}: not a readable Parquet shard ({exc})") from None
-        for i, row in enumerate(records, 1):
-            _check_row(row, f"{path}: row {i}")
-            rows.append(row)
-    else:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                row = _decode_json_line(raw, where)
-                if not isinstance(row, dict):
-                    raise DataFormatError(f"{where}: a row must be a JSON object")
-                _check_row(row, where)
-                rows.append(row)
-    if items_expected is not None and sorted(r["index"] for r in rows) != items_expected:
-        raise DataFormatError(f"{path}: rows do not match the shard's planned examples")
-    return rows
-
-
-def read_collected(output_dir: str, *, allow_incomplete: bool = False) -> List[Dict[str, Any]]:
-    """The rows of a collection in input order, validated (each index exactly once)."""
-    manifest = _read_manifest(output_dir)
-    if not manifest.get("complete") and not allow_incomplete:
-        raise DataFormatError(
-            f"{output_dir}: the collection is incomplete (interrupted?); rerun collect to finish it"
-        )
-    rows: Dict[int, Dict[str, Any]] = {}
-    fmt = _shard_format(manifest)
-    if fmt not in SHARD_FORMATS:
-        raise DataFormatError(f"{output_dir}: unknown shard_format {fmt!r} in the manifest")
-    for k, members in enumerate(manifest["shards"]):
-        path = os.path.join(output_dir, _shard_name(k, fmt))
-        if not os.path.exists(path):
-            if allow_incomplete:
-                continue
-            raise DataFormatError(f"{path}: missing shard of a complete collection")
-        for row in _read_shard(path, items_expected=sorted(members)):
-            if row["index"] in rows:
-                raise DataFormatError(f"{path}: example {row['index']} appears twice")
-            rows[row["index"]] = row
-    if not allow_incomplete and sorted(rows) != list(range(manifest["num_examples"])):
-        missing = sorted(set(range(manifest["num_examples"])) - set(rows))
-        raise DataFormatError(f"{output_dir}: examples {missing[:10]} are missing")
-    return [rows[i] for i in sorted(rows)]
-
-
 # ----------------------------------------------------------------------------- generation-time log-probs
 
 
@@ -753,7 +658,7 @@ def _top_k_entries(entry, k: int, where: str, pos: int) -> Tuple[List[int], List
         except (TypeError, ValueError):
             raise DataFormatError(f"{where}: logprobs[{pos}] keys must be token ids, got {key!r}") from None
         v = value.get("logprob") if isinstance(value, dict) else value
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v) or v > _LOGPROB_TOLERANCE:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v) or v > BEHAVIOR_LOGPROB_TOLERANCE:
             raise DataFormatError(f"{where}: logprobs[{pos}][{key!r}] is not a log-probability")
         pairs.append((float(v), tid))
     if len(pairs) < k:
@@ -816,7 +721,7 @@ def ingest_generation_logprobs(source, output_path: Optional[str] = None, *, tok
                 raise DataFormatError(f"{w}: {len(logprobs)} logprobs entries for {len(token_ids)} generated tokens")
             values = [_sampled_logprob(e, t, w, i) for i, (e, t) in enumerate(zip(logprobs, token_ids))]
             for i, v in enumerate(values):
-                if math.isnan(v) or v > _LOGPROB_TOLERANCE:
+                if math.isnan(v) or v > BEHAVIOR_LOGPROB_TOLERANCE:
                     raise DataFormatError(f"{w}: logprobs[{i}] = {v!r} is not a log-probability")
             keep = {k: v for k, v in parent.items()
                     if k not in ("outputs", "token_ids", "logprobs", "text", "prompt_token_ids", "prompt_logprobs",

@@ -30,13 +30,15 @@ message with a generation prompt, and it must be a prefix of the template of all
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
+from ..checks import BEHAVIOR_LOGPROB_TOLERANCE, IGNORE_INDEX
+from .formats import DataFormatError, _is_int, iter_source, read_records
+from .tokenizing import tokenize_record
 
+# DataFormatError and read_records (formats.py) and tokenize_record (tokenizing.py) are
+# re-exported from here, where they used to be defined.
 __all__ = [
     "DataFormatError",
     "MisalignedExampleError",
@@ -45,15 +47,6 @@ __all__ = [
     "read_records",
     "tokenize_record",
 ]
-
-# Same tolerance as the core's input check: a log-prob a hair above 0 is float rounding.
-_LOGPROB_TOLERANCE = 1e-4
-
-PathLike = Union[str, "os.PathLike[str]"]
-
-
-class DataFormatError(ValueError):
-    """A record or a file that does not follow the format; the message names file and line."""
 
 
 class MisalignedExampleError(ValueError):
@@ -71,232 +64,6 @@ class MisalignedExampleError(ValueError):
 
     def __reduce__(self):  # num_proc workers send it back to the parent intact
         return (type(self), (self.index, self.where, self.position, self.stored, self.tokenized, self._detail))
-
-
-# ----------------------------------------------------------------------------- reading files
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_record(rec: Any, where: str) -> None:
-    """Field types of one record; errors name the location and the field."""
-    if not isinstance(rec, dict):
-        raise DataFormatError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
-
-    def need(name, ok, what):
-        if name in rec and rec[name] is not None and not ok(rec[name]):
-            raise DataFormatError(f"{where}: field {name!r} must be {what}, got {_short(rec[name])}")
-
-    def int_list(v):
-        return isinstance(v, list) and all(_is_int(x) for x in v)
-
-    need("prompt", lambda v: isinstance(v, str), "a string")
-    need("response", lambda v: isinstance(v, str), "a string")
-    need("prompt_ids", int_list, "a list of integers")
-    need("response_ids", int_list, "a list of integers")
-    need("behavior_token_ids", int_list, "a list of integers")
-    need("behavior_logprobs", lambda v: isinstance(v, list) and all(x is None or _is_num(x) for x in v),
-         "a list of numbers")
-    need("messages", lambda v: isinstance(v, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in v
-    ), "a list of {'role': str, 'content': str} objects")
-
-
-def _short(v) -> str:
-    text = repr(v)
-    return f"{type(v).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
-
-
-def _decode_json_line(raw: bytes, where: str) -> Any:
-    """One JSONL line: undecodable bytes, invalid or too deeply nested JSON name file and line."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataFormatError(
-            f"{where}: undecodable bytes at column {exc.start + 1} (the file is not UTF-8 text)"
-        ) from None
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        hint = " (the file looks truncated)" if not line.endswith("\n") else ""
-        raise DataFormatError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}{hint}") from None
-    except RecursionError:
-        raise DataFormatError(f"{where}: JSON nested too deeply to read") from None
-
-
-def _read_jsonl(path: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            rec = _decode_json_line(raw, where)
-            _check_record(rec, where)
-            yield where, rec
-
-
-# Arrow types each known column may have; checked on the schema before any row is read.
-def _arrow_checks():
-    import pyarrow as pa
-
-    def list_of(pred):
-        return lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pred(t.value_type)
-
-    def is_str(t):
-        return pa.types.is_string(t) or pa.types.is_large_string(t)
-
-    def is_num(t):
-        return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
-
-    def is_msg(t):
-        return pa.types.is_struct(t) and all(
-            t.get_field_index(k) >= 0 and is_str(t.field(k).type) for k in ("role", "content")
-        )
-
-    return {
-        "prompt": (is_str, "a string"),
-        "response": (is_str, "a string"),
-        "prompt_ids": (list_of(pa.types.is_integer), "a list of integers"),
-        "response_ids": (list_of(pa.types.is_integer), "a list of integers"),
-        "behavior_token_ids": (list_of(pa.types.is_integer), "a list of integers"),
-        "behavior_logprobs": (list_of(is_num), "a list of numbers"),
-        "messages": (list_of(is_msg), "a list of {role, content} structs"),
-    }
-
-
-def _read_parquet(path: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:  # pragma: no cover
-        raise ImportError("reading Parquet needs pyarrow: pip install pear_kernels[hf]") from exc
-    import pyarrow as pa
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataFormatError(f"{path}: not a readable Parquet file ({exc})") from None
-    checks = _arrow_checks()
-    for f in pf.schema_arrow:
-        if f.name in checks:
-            ok, what = checks[f.name]
-            if not ok(f.type):
-                raise DataFormatError(f"{path}: column {f.name!r} must be {what}, got Arrow type {f.type}")
-    row = 0
-    for i in range(pf.num_row_groups):
-        try:
-            batch = pf.read_row_group(i).to_pylist()
-        except (pa.ArrowException, OSError) as exc:
-            raise DataFormatError(f"{path}: row group {i} (from row {row + 1}) is unreadable ({exc})") from None
-        for rec in batch:
-            row += 1
-            where = f"{path}: row {row}"
-            _check_record(rec, where)
-            yield where, rec
-
-
-def read_records(path: PathLike) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """Yield (location, record) from a .jsonl/.json lines or .parquet file, checking types."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such data file: {path}")
-    if path.endswith(".parquet") or path.endswith(".pq"):
-        yield from _read_parquet(path)
-    elif path.endswith(".jsonl") or path.endswith(".json") or path.endswith(".ndjson"):
-        yield from _read_jsonl(path)
-    else:
-        raise DataFormatError(f"{path}: unknown data file type (expected .jsonl or .parquet)")
-
-
-def iter_source(source) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """(location, record) from a path, a list of paths, a collect output dir, or in-memory records."""
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if os.path.isdir(path):
-            from .collect import read_collected
-
-            for i, rec in enumerate(read_collected(path)):
-                where = f"{path}: row {i + 1}"
-                _check_record(rec, where)  # the same type checks as a JSONL row
-                yield where, rec
-        else:
-            yield from read_records(path)
-        return
-    if isinstance(source, dict):
-        raise TypeError("source must be a path, a list of paths, or an iterable of records, not one record")
-    items = list(source)
-    if items and all(isinstance(x, (str, os.PathLike)) for x in items):
-        for p in items:
-            yield from iter_source(p)
-        return
-    for i, rec in enumerate(items):
-        where = f"record {i}"
-        _check_record(rec, where)
-        yield where, rec
-
-
-# ----------------------------------------------------------------------------- tokenizing
-
-
-def _token_ids(out) -> List[int]:
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    if torch.is_tensor(out):
-        out = out.tolist()
-    if out and isinstance(out[0], list):  # batched output of one conversation
-        out = out[0]
-    return [int(x) for x in out]
-
-
-def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> List[int]:
-    return _token_ids(tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False,
-    ))
-
-
-def tokenize_record(
-    rec: Dict[str, Any],
-    tokenizer=None,
-    *,
-    where: str = "record",
-    add_special_tokens: bool = True,
-    append_eos: bool = False,
-) -> Tuple[List[int], List[int]]:
-    """(prompt_ids, response_ids) of one record."""
-    if rec.get("prompt_ids") is not None or rec.get("response_ids") is not None:
-        if rec.get("prompt_ids") is None or rec.get("response_ids") is None:
-            raise DataFormatError(f"{where}: token-id records need both 'prompt_ids' and 'response_ids'")
-        return list(rec["prompt_ids"]), list(rec["response_ids"])
-    if tokenizer is None:
-        raise DataFormatError(f"{where}: a text record needs a tokenizer (pass tokenizer=...)")
-    if rec.get("messages") is not None:
-        messages = rec["messages"]
-        if len(messages) < 2 or messages[-1]["role"] != "assistant":
-            raise DataFormatError(f"{where}: 'messages' must end with an assistant message after the prompt")
-        prompt_ids = _chat_ids(tokenizer, messages[:-1], True)
-        full = _chat_ids(tokenizer, messages, False)
-        if full[: len(prompt_ids)] != prompt_ids:
-            raise DataFormatError(
-                f"{where}: the chat template of the conversation does not start with the template of its "
-                "prompt (with add_generation_prompt=True); the response cannot be located"
-            )
-        return prompt_ids, full[len(prompt_ids):]
-    if rec.get("prompt") is None or rec.get("response") is None:
-        raise DataFormatError(
-            f"{where}: a record needs 'prompt' and 'response', 'messages', or 'prompt_ids' and 'response_ids'"
-        )
-    prompt_ids = _token_ids(tokenizer(rec["prompt"], add_special_tokens=add_special_tokens))
-    response_ids = _token_ids(tokenizer(rec["response"], add_special_tokens=False))
-    if append_eos:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("append_eos=True but the tokenizer has no eos_token_id")
-        response_ids.append(int(tokenizer.eos_token_id))
-    return prompt_ids, response_ids
 
 
 def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
@@ -389,7 +156,7 @@ def build_example(
     max_length: Optional[int] = None,
     add_special_tokens: bool = True,
     append_eos: Optional[bool] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Dict[str, List]:
     """One training example: input_ids, attention_mask, labels and aligned behavior_logprobs.
 
@@ -440,7 +207,7 @@ def build_example(
         pos = offset + i
         if pos < P:
             continue  # prompt positions are not supervised; their values are unused
-        if v is None or (isinstance(v, float) and math.isnan(v)) or v > _LOGPROB_TOLERANCE:
+        if v is None or (isinstance(v, float) and math.isnan(v)) or v > BEHAVIOR_LOGPROB_TOLERANCE:
             raise DataFormatError(
                 f"{where}: behavior_logprobs at input position {pos} must be a log-probability (<= 0), got {v!r}"
             )
@@ -590,7 +357,7 @@ def load_pear_dataset(
     skip_misaligned: bool = False,
     add_special_tokens: bool = True,
     append_eos: Optional[bool] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     streaming: bool = False,
     num_proc: Optional[int] = None,
 ):

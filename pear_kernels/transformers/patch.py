@@ -33,6 +33,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import fused_pear_loss
+from ..checks import IGNORE_INDEX
 from ..config import PEARConfig, Variant
 from .head import call_through_head, resolve_head
 
@@ -325,7 +326,7 @@ def _make_forward(original):
             return state.original_forward(self, *args, **kwargs)
 
         num_items = extra.pop("num_items_in_batch", None)
-        ignore_index = extra.pop("ignore_index", -100)
+        ignore_index = extra.pop("ignore_index", IGNORE_INDEX)
         return_dict = named.pop("return_dict", extra.pop("return_dict", None))
         if named.get("use_cache") is None:
             named["use_cache"] = False  # no cache in a training forward (as the stock forward under grad ckpt)
