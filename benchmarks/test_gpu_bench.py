@@ -260,8 +260,7 @@ def test_gpu_bench(benchmark, monkeypatch, shape, impl):
     step()
     peak = torch.cuda.max_memory_allocated() - base
     benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
-    from pear_kernels.kernels.backend import default_chunk_size
-    from pear_kernels.kernels.triton_pear import GPU_MIN_CHUNK_ROWS
+    from pear_kernels.kernels.backend import GPU_MIN_CHUNK_ROWS, default_chunk_size
 
     rows = default_chunk_size(shape.v, 2)
     if impl == "triton":

@@ -45,14 +45,15 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int, device: torch.devi
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}")
     cu = cu_seqlens.to(torch.int64)
-    first, last = int(cu[0]), int(cu[-1])
+    steps = cu[1:] - cu[:-1]
+    # one host synchronisation for the three facts (on a GPU each read would stall the stream)
+    first, last, decreasing = torch.stack([cu[0], cu[-1], (steps < 0).any().to(torch.int64)]).tolist()
     if first != 0 or last != n_tokens:
         raise ValueError(
             f"cu_seqlens must start at 0 and end at the number of tokens {n_tokens}, "
             f"got {first} ... {last}"
         )
-    steps = cu[1:] - cu[:-1]
-    if bool((steps < 0).any()):
+    if decreasing:
         bad = int((steps < 0).nonzero()[0])
         raise ValueError(
             f"cu_seqlens must be non-decreasing, but cu_seqlens[{bad + 1}] = {int(cu[bad + 1])} "
@@ -207,22 +208,21 @@ def check_inputs(
 
     flat_labels = labels.reshape(-1).to(torch.int64)
     mask = flat_labels != ignore_index
-    sup_labels = flat_labels[mask] if check_values else flat_labels[:0]
-    if sup_labels.numel():
+    flat_lb = behavior_logprobs.reshape(-1)
+    if check_values and flat_labels.numel():
+        # the value checks read the data: one host synchronisation for both, none per token
         n_vocab = V if vocab_size is None else vocab_size
-        bad = (sup_labels < 0) | (sup_labels >= n_vocab)
-        if bool(bad.any()):
-            pos = int(mask.nonzero()[bad.nonzero()[0]].reshape(-1)[0])
+        bad_label = mask & ((flat_labels < 0) | (flat_labels >= n_vocab))
+        bad_lb = mask & (torch.isnan(flat_lb) | (flat_lb > BEHAVIOR_LOGPROB_TOLERANCE))
+        any_label, any_lb = torch.stack([bad_label.any(), bad_lb.any()]).tolist()
+        if any_label:
+            pos = int(bad_label.nonzero()[0])
             raise ValueError(
                 f"labels must be in [0, {n_vocab}) or ignore_index={ignore_index}; "
                 f"labels.view(-1)[{pos}] = {int(flat_labels[pos])}"
             )
-    flat_lb = behavior_logprobs.reshape(-1)
-    sup_lb = flat_lb[mask] if check_values else flat_lb[:0]
-    if sup_lb.numel():
-        bad = torch.isnan(sup_lb) | (sup_lb > BEHAVIOR_LOGPROB_TOLERANCE)
-        if bool(bad.any()):
-            pos = int(mask.nonzero()[bad.nonzero()[0]].reshape(-1)[0])
+        if any_lb:
+            pos = int(bad_lb.nonzero()[0])
             raise ValueError(
                 "behavior_logprobs must be log-probabilities (finite or -inf, <= 0) on supervised "
                 f"tokens; behavior_logprobs.view(-1)[{pos}] = {float(flat_lb[pos])}. "

@@ -66,6 +66,17 @@ class SequenceLayout:
     def num_supervised(self) -> int:
         return int(self.sup_index.numel())
 
+    def to_tokens(self, values: torch.Tensor, shape=None, dtype: Optional[torch.dtype] = None,
+                  fill: float = 0.0) -> torch.Tensor:
+        """The one compact-to-full scatter: (M, ...) values of the supervised tokens, in
+        compact order, to (n_tokens, ...) with ``fill`` at unsupervised positions, reshaped to
+        ``shape`` (the labels' shape) when given. Differentiable when ``values`` requires grad."""
+        dtype = values.dtype if dtype is None else dtype
+        out = torch.full((self.n_tokens, *values.shape[1:]), fill, dtype=dtype, device=values.device)
+        v = values.to(dtype)
+        out = out.index_put((self.sup_index,), v) if v.requires_grad else out.index_put_((self.sup_index,), v)
+        return out if shape is None else out.reshape(shape)
+
 
 def token_sequence_ids(
     n_tokens: int,
@@ -299,9 +310,7 @@ def pear_log_weights(
     )
     flat = log_ratio.reshape(-1)[layout.sup_index]
     clipped, _ = compute_log_weights(flat, layout, config)
-    out = torch.zeros(log_ratio.numel(), dtype=torch.float64, device=log_ratio.device)
-    out[layout.sup_index] = clipped
-    return out.reshape(log_ratio.shape)
+    return layout.to_tokens(clipped, log_ratio.shape, torch.float64)
 
 
 def pear_weights(

@@ -43,10 +43,10 @@ def fused_token_logprobs(
     gradients are those of the capped distribution.
     """
     if torch.compiler.is_compiling():
-        # one opaque custom op in the graph (ops/custom_op.py); it validates at run time
+        # one opaque custom op in the graph (compiled.py); it validates at run time
         if vocab_parallel_group is not None:
             raise ValueError("inside torch.compile fused_token_logprobs does not take vocab_parallel_group")
-        from .ops.custom_op import token_logprobs_op
+        from .compiled import token_logprobs_op
 
         logp, ent = token_logprobs_op(
             hidden, lm_head_weight, bias, labels, float(temperature), int(ignore_index), int(chunk_size or 0),
@@ -70,8 +70,7 @@ def fused_token_logprobs(
     logp, entropy = out if return_entropy else (out, None)
 
     def full(values: torch.Tensor) -> torch.Tensor:
-        buf = values.new_zeros(layout.n_tokens)
-        return buf.index_put((layout.sup_index,), values).reshape(chk.input_shape)
+        return layout.to_tokens(values, chk.input_shape)
 
     if entropy is None:
         return full(logp)

@@ -156,10 +156,10 @@ def fused_pear_loss(
 def _compiled_loss(hidden, weight, labels, behavior, bias, variant, gamma, block_size, delta_clip,
                    log_weight_clip, softcap, lse_square_scale, label_smoothing, cu_seqlens, temperature,
                    reduction, num_items, ignore_index, chunk_size, backend, shift):
-    """The loss through the pear_kernels::pear_loss custom op (ops/custom_op.py): one opaque
+    """The loss through the pear_kernels::pear_loss custom op (compiled.py): one opaque
     node in the compiled graph, no graph break, shapes from a fake implementation. Nothing
     here reads a value: the op validates its arguments when it runs."""
-    from .ops.custom_op import pear_loss_op
+    from .compiled import pear_loss_op
 
     if shift:
         labels, behavior = shift_targets(labels, behavior, cu_seqlens, ignore_index)
@@ -180,9 +180,7 @@ def _compiled_loss(hidden, weight, labels, behavior, bias, variant, gamma, block
 
 def layout_scatter(values: torch.Tensor, layout, shape, dtype) -> torch.Tensor:
     """Compact (M,) per-token values into labels' shape, 0 at unsupervised positions."""
-    out = torch.zeros(layout.n_tokens, dtype=dtype, device=values.device)
-    out[layout.sup_index] = values.detach().to(dtype)
-    return out.reshape(shape)
+    return layout.to_tokens(values.detach(), shape, dtype)
 
 
 class PEARLoss(torch.nn.Module):

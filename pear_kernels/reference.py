@@ -30,7 +30,7 @@ def reduce_token_losses(
 ) -> torch.Tensor:
     """Apply the spec's normalizer to compact (M,) weighted token losses."""
     if reduction == "none":
-        out = token_loss.new_zeros(n_tokens)
+        out = token_loss.new_zeros(n_tokens)  # (the reference keeps its own scatter: an oracle shares no code)
         out = out.index_put((sup_index,), token_loss)
         return out.reshape(shape)
     total = token_loss.sum()

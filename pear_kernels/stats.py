@@ -62,9 +62,7 @@ class PEARStats:
 
 
 def _scatter_full(values: torch.Tensor, layout: SequenceLayout, shape) -> torch.Tensor:
-    out = torch.zeros(layout.n_tokens, dtype=torch.float32, device=values.device)
-    out[layout.sup_index] = values.to(torch.float32)
-    return out.reshape(shape)
+    return layout.to_tokens(values, shape, torch.float32)
 
 
 def summarize(

@@ -344,3 +344,32 @@ def test_check_values_switch_skips_only_value_checks():
     assert torch.isnan(out).any()  # the caller's promise, not a silent clean number
     with pytest.raises(ValueError, match="labels must have shape"):
         fused_pear_loss(hidden, weight, labels[:-1], behavior[:-1], check_values=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisations are a CUDA matter")
+def test_host_synchronisations_per_call_stay_within_the_documented_budget():
+    """docs/triton_backend.md ("Host synchronisations"): with check_values=False a loss call
+    synchronises for the supervised-token layout (its size sets the chunking) and, with a
+    tensor num_items_in_batch, to read it; none per chunk, none in backward."""
+    import warnings
+
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 32, generator=g).to(dev).requires_grad_(True)
+    w = torch.randn(50, 32, generator=g).to(dev).requires_grad_(True)
+    y = torch.randint(0, 50, (64,), generator=g).to(dev)
+    y[::7] = -100
+    lb = -torch.rand(64, generator=g).to(dev)
+    fused_pear_loss(h, w, y, lb, backend="torch", check_values=False).backward()  # warm-up
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            loss = fused_pear_loss(h, w, y, lb, backend="torch", chunk_size=8, check_values=False,
+                                   num_items_in_batch=torch.tensor(40.0, device=dev))
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [m for m in seen if "synchroniz" in str(m.message).lower()]
+    assert len(syncs) <= 4, [str(m.message) for m in syncs]

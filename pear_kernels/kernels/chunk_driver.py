@@ -89,8 +89,12 @@ class ChunkKernels(Protocol):
 
 
 def token_rows(problem: PEARProblem, start: int, end: int) -> Rows:
-    """Flat positions of compact tokens [start, end): a slice when contiguous, else an index."""
+    """Flat positions of compact tokens [start, end): on CPU a slice when they are contiguous
+    (a view, and dh written by the matmul in place), else an index. On other devices always
+    the index: reading its ends would synchronise the host with the stream once per chunk."""
     idx = problem.layout.sup_index[start:end]
+    if idx.device.type != "cpu":
+        return idx
     first, last = int(idx[0]), int(idx[-1])
     if last - first == end - start - 1:
         return slice(first, last + 1)

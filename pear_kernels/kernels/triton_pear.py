@@ -92,8 +92,7 @@ def _fused_grads(problem: PEARProblem, lse, coef, need) -> Grads:
     )
     dh = None
     if dh_c is not None:  # fp32, rounded to the input dtype after the upstream gradient
-        dh = torch.zeros(problem.hidden.shape, dtype=torch.float32, device=problem.hidden.device)
-        dh[problem.layout.sup_index] = dh_c
+        dh = problem.layout.to_tokens(dh_c, dtype=torch.float32)
     return Grads(dh, dw, db)
 
 

@@ -59,8 +59,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         ctx.param_dtype, ctx.hidden_dtype = weight.dtype, hidden.dtype
         if reduction == "none":
             result = torch_distill.forward(problem, targets, rows_math)
-            loss = torch.zeros(layout.n_tokens, dtype=out_dtype, device=hidden.device)
-            loss[layout.sup_index] = (result.log_w.exp() * result.token_ce).to(out_dtype)
+            loss = layout.to_tokens(result.log_w.exp() * result.token_ce, dtype=out_dtype)
             # hidden/weight/bias through save_for_backward: an in-place change before backward
             # is caught by autograd's version check instead of silently recomputed
             ctx.save_for_backward(hidden, weight, bias, result.log_w)

@@ -92,8 +92,7 @@ class FusedLinearPEARFunction(torch.autograd.Function):
             token_loss = result.log_w.exp() * ce
             if result.z_loss is not None:
                 token_loss = token_loss + result.z_loss
-            loss = torch.zeros(layout.n_tokens, dtype=out_dtype, device=hidden.device)
-            loss[layout.sup_index] = token_loss.to(out_dtype)
+            loss = layout.to_tokens(token_loss, dtype=out_dtype)
             # hidden, weight and bias go through save_for_backward so that an in-place change
             # before backward is caught by autograd's version check, not silently recomputed.
             # The problem (layout, labels, config) stays on ctx for every later backward.

@@ -21,10 +21,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..config import PEARConfig
-from ..kernels.backend import LossOptions
-from .dispatch import select_backend
-from .fused_linear_pear import loss_scale
+from .config import PEARConfig
+from .inputs import loss_options, prepare_problem
+from .kernels.backend import LossOptions
+from .ops.dispatch import select_backend
+from .ops.fused_linear_pear import loss_scale
 
 __all__ = ["pear_loss_op"]
 
@@ -38,7 +39,6 @@ def _work(dtype: torch.dtype) -> torch.dtype:
 def _prepare(hidden, weight, bias, labels, behavior, cu_seqlens, num_items, variant, gamma, block_size,
              delta_lo, delta_hi, w_lo, w_hi, temperature, reduction, ignore_index, chunk_size, softcap,
              lse_square_scale, label_smoothing):
-    from ..inputs import loss_options, prepare_problem  # API-level helper, imported lazily
 
     config = PEARConfig(variant=variant, gamma=gamma, block_size=block_size, delta_clip=(delta_lo, delta_hi),
                         log_weight_clip=(w_lo, w_hi))
@@ -73,12 +73,10 @@ def pear_loss_op(
             result = module.forward(problem)
             ce = -result.logp.to(torch.float64) if result.token_ce is None else result.token_ce
             tok = result.log_w.exp() * ce + (result.z_loss if result.z_loss is not None else 0.0)
-            loss = torch.zeros(layout.n_tokens, dtype=out_dtype, device=hidden.device)
-            loss[layout.sup_index] = tok.to(out_dtype)
-            log_w = torch.zeros(layout.n_tokens, dtype=torch.float64, device=hidden.device)
-            log_w[layout.sup_index] = result.log_w
+            loss = layout.to_tokens(tok, labels.shape, out_dtype)
+            log_w = layout.to_tokens(result.log_w, dtype=torch.float64)
             empty = hidden.new_empty(0)
-            return loss.reshape(labels.shape), empty, empty.clone(), empty.clone(), log_w
+            return loss, empty, empty.clone(), empty.clone(), log_w
         scale = loss_scale(reduction, num_items, m)
         result = module.forward(problem, grad_scale=scale, need=(need_dh, need_dw, need_db and bias is not None))
     loss = (result.loss_sum * scale).to(out_dtype)
@@ -195,8 +193,7 @@ pear_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _prepare_logprobs(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, softcap):
-    from ..config import Variant
-    from ..inputs import loss_options, prepare_problem
+    from .config import Variant
 
     return prepare_problem(
         hidden, weight, labels, torch.zeros(labels.shape, device=labels.device),
@@ -208,9 +205,7 @@ def _prepare_logprobs(hidden, weight, bias, labels, temperature, ignore_index, c
 
 
 def _scatter(values: torch.Tensor, layout, shape) -> torch.Tensor:
-    out = values.new_zeros(layout.n_tokens)
-    out[layout.sup_index] = values
-    return out.reshape(shape)
+    return layout.to_tokens(values, shape)
 
 
 @torch.library.custom_op("pear_kernels::token_logprobs", mutates_args=())
@@ -242,7 +237,7 @@ def token_logprobs_backward(
     bias: Optional[torch.Tensor], labels: torch.Tensor, temperature: float, ignore_index: int, chunk_size: int,
     backend: str, softcap: float, need_dh: bool, need_dw: bool, need_db: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..kernels import torch_chunked
+    from .kernels import torch_chunked
 
     prep = _prepare_logprobs(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, softcap)
     problem = prep.problem
