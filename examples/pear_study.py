@@ -306,7 +306,8 @@ def report(data_dir, n_seeds=8):
                 if not rs:
                     continue
                 mark = "" if len(rs) >= n_seeds else " (incomplete)"
-                f = lambda key, sub: statistics.fmean(r[key][sub] for r in rs.values())
+                def f(key, sub):
+                    return statistics.fmean(r[key][sub] for r in rs.values())
                 if arm != "plain" and plain:
                     d = paired_differences({s: r["rl"]["pass@1"] for s, r in rs.items()}, plain)
                     delta = _ci(list(d.values())) if d else "—"
@@ -381,7 +382,7 @@ def plots(data_dir, out_dir):
             ticks.append((x, f"{arm}\np{t:g} {b}"))
             x += 1
         x += 1
-    ax.set_xticks([t for t, _ in ticks], [l for _, l in ticks], fontsize=6)
+    ax.set_xticks([t for t, _ in ticks], [label for _, label in ticks], fontsize=6)
     ax.set_ylabel("held-out pass@1 after RL (mean, 95% bootstrap CI)")
     fig.tight_layout()
     files.append(os.path.join(out_dir, "study_post_rl_pass1.png"))

@@ -22,7 +22,7 @@ import torch
 from ..kernels import native_cpu, torch_chunked, torch_distill
 from ..kernels.backend import PEARProblem
 from .dispatch import select_backend
-from .fused_linear_pear import _loss_dtype, _needed_grads, finish_grads, loss_scale
+from .fused_linear_pear import _loss_dtype, _needed_grads, backward_grads, loss_scale
 from .once import differentiable_once
 
 __all__ = ["FusedLinearDistillFunction", "fused_linear_distill", "select_distill_rows"]
@@ -77,16 +77,10 @@ class FusedLinearDistillFunction(torch.autograd.Function):
     @staticmethod
     @differentiable_once
     def backward(ctx, grad_out):
-        if ctx.reduction == "none":
-            hidden, weight, bias, log_w = ctx.saved_tensors
-            if not any(ctx.need):
-                return (None,) * 10
-            problem = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
-            g = grad_out.reshape(-1)[problem.layout.sup_index].to(torch.float64)
-            grads = torch_distill.backward(problem, ctx.targets, g * log_w.exp(), ctx.need, ctx.rows_math)
-            dh, dw, db = finish_grads(ctx, grads.hidden, grads.weight, grads.bias)
-        else:
-            dh, dw, db = finish_grads(ctx, *ctx.saved_tensors, grad_out=grad_out)
+        def recompute(problem, g, log_w):
+            return torch_distill.backward(problem, ctx.targets, g * log_w.exp(), ctx.need, ctx.rows_math)
+
+        dh, dw, db = backward_grads(ctx, grad_out, recompute)
         return dh, dw, db, None, None, None, None, None, None, None
 
 

@@ -60,6 +60,24 @@ def finish_grads(ctx, dh, dw, db, grad_out=None):
     return dh, dw, db
 
 
+def backward_grads(ctx, grad_out, recompute):
+    """The backward of the fused Functions (PEAR and distillation), both reductions.
+
+    mean / sum: the gradients computed in forward, scaled by grad_output. none: the per-token
+    upstream gradients g (M,) of the supervised tokens, and ``recompute(problem, g, log_w)``
+    recomputes the logits chunk by chunk with the saved (detached) log-weights.
+    """
+    if ctx.reduction != "none":
+        return finish_grads(ctx, *ctx.saved_tensors, grad_out=grad_out)
+    hidden, weight, bias, log_w = ctx.saved_tensors
+    if not any(ctx.need):
+        return None, None, None
+    problem = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
+    g = grad_out.reshape(-1)[problem.layout.sup_index].to(torch.float64)
+    grads = recompute(problem, g, log_w)
+    return finish_grads(ctx, grads.hidden, grads.weight, grads.bias)
+
+
 def _scale_by(grad: Optional[torch.Tensor], grad_out: torch.Tensor) -> Optional[torch.Tensor]:
     """grad * grad_out, skipping the multiply when grad_out is exactly 1 on CPU (the usual
     loss.backward()). On other devices the check would stall the stream (a host sync), and a
@@ -115,19 +133,12 @@ class FusedLinearPEARFunction(torch.autograd.Function):
     @staticmethod
     @differentiable_once
     def backward(ctx, grad_out):
-        if ctx.reduction == "none":
-            hidden, weight, bias, log_w = ctx.saved_tensors
-            if not any(ctx.need):
-                return (None,) * 9
-            problem = replace(ctx.problem, hidden=hidden, weight=weight, bias=bias)
-            g = grad_out.reshape(-1)[problem.layout.sup_index].to(torch.float64)
-            if problem.options.active:  # the z-loss takes the upstream gradient unweighted
-                grads = ctx.backend.backward(problem, g * log_w.exp(), ctx.need, ucoef=g)
-            else:
-                grads = ctx.backend.backward(problem, g * log_w.exp(), ctx.need)
-            dh, dw, db = finish_grads(ctx, grads.hidden, grads.weight, grads.bias)
-        else:
-            dh, dw, db = finish_grads(ctx, *ctx.saved_tensors, grad_out=grad_out)
+        def recompute(problem, g, log_w):
+            # the z-loss takes the upstream gradient unweighted
+            ucoef = g if problem.options.active else None
+            return ctx.backend.backward(problem, g * log_w.exp(), ctx.need, ucoef=ucoef)
+
+        dh, dw, db = backward_grads(ctx, grad_out, recompute)
         return dh, dw, db, None, None, None, None, None, None
 
 

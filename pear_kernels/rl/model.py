@@ -29,23 +29,18 @@ def tiny_qwen2(
     max_positions: int = 128,
     seed: int = 0,
 ):
-    """A randomly initialised Qwen2ForCausalLM in float32 (untied head, so SFT moves W freely)."""
-    tf = _transformers()
-    config = tf.Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        use_cache=False,
-        attention_dropout=0.0,
+    """A randomly initialised Qwen2ForCausalLM in float32 (untied head, so SFT moves W freely):
+    the package's one tiny-model builder (``transformers.tiny.tiny_causal_lm``) with the RL
+    loop's defaults (no special tokens in the config, transformers' default attention)."""
+    _transformers()  # the error that names the extra
+    from ..transformers.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm(
+        arch="qwen2", vocab_size=vocab_size, hidden_size=hidden_size, layers=num_layers,
+        intermediate_size=intermediate_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        max_positions=max_positions, seed=seed, special_tokens=False, attn_implementation=None,
+        use_cache=False, attention_dropout=0.0,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = tf.Qwen2ForCausalLM(config)
     return model.float()
 
 

@@ -57,20 +57,36 @@ def tiny_causal_lm(
     seed: int = 0,
     tie_word_embeddings: bool = False,
     vocab_size: Optional[int] = None,
+    intermediate_size: Optional[int] = None,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    max_positions: int = 512,
+    special_tokens: bool = True,
+    attn_implementation: Optional[str] = "eager",
+    **config_kwargs,
 ):
     """A randomly initialised tiny causal LM (``arch``: qwen2, qwen3, llama, gemma2 or gemma3),
-    float32, eager attention. The Gemma ones soft-cap their logits (final_logit_softcapping)."""
+    float32, eager attention. The Gemma ones soft-cap their logits (final_logit_softcapping).
+
+    The one offline model builder of the package (examples, tests, the RL loop's
+    ``rl.tiny_qwen2``). ``special_tokens=False`` leaves pad/bos/eos unset in the config (a
+    pad id also zeroes that embedding row at init); ``attn_implementation=None`` keeps
+    transformers' default; further keywords go to the config (``use_cache=False``, ...)."""
     import transformers
 
     if vocab_size is None:
         vocab_size = len(tokenizer) if tokenizer is not None else 64
     common = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=getattr(tokenizer, "pad_token_id", 0), bos_token_id=getattr(tokenizer, "bos_token_id", None),
-        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        vocab_size=vocab_size, hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size if intermediate_size is None else intermediate_size,
+        num_hidden_layers=layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
+        **config_kwargs,
     )
+    if special_tokens:
+        common.update(pad_token_id=getattr(tokenizer, "pad_token_id", 0),
+                      bos_token_id=getattr(tokenizer, "bos_token_id", None),
+                      eos_token_id=getattr(tokenizer, "eos_token_id", None))
     classes = {
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
@@ -86,7 +102,8 @@ def tiny_causal_lm(
         # a small cap, so the soft-capping visibly changes the logits of a tiny model
         extra.update(final_logit_softcapping=2.0, query_pre_attn_scalar=hidden_size // 4, sliding_window=64)
     config = config_cls(**common, **extra)
-    config._attn_implementation = "eager"
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = model_cls(config)
