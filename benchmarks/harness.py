@@ -14,8 +14,12 @@ LOSSES maps a name to one forward + backward of a PEAR loss on the same inputs:
 
     fused       pear_kernels.fused_pear_loss (chunked, never N x V)
     naive       reference_pear_loss: logits materialised, log_softmax, gather, plain autograd
-    floor       the bare matmuls the fused loss must do, chunk by chunk at the fused chunk size
-                (3 for token/block: logits, dh, dW; 4 for sequence: one more logits pre-pass)
+    floor       the bare matmuls the loss must do, each ONE unchunked GEMM at full size
+                (3 for token/block: logits, dh, dW; 4 for sequence: one more logits pre-pass):
+                the floor every ratio is taken against
+    floor_chunked  the same matmuls chunk by chunk at the fused chunk size (what chunking costs)
+    fused_fwd   fused_pear_loss under torch.no_grad (eval, the collection's log-prob pass)
+    floor_fwd   its floor: one unchunked logits GEMM
     torch_lce   torch.nn.functional.linear_cross_entropy, chunked (LinearCrossEntropyOptions()
                 defaults: on CPU fp32, chunks of ~(N x H / 2) logits, a few rows at 152k vocab)
     torch_lce_matched  the same with batch_chunk_size = the fused loss's chunk rows
@@ -373,6 +377,44 @@ def _distill_naive(hidden, weight, labels, behavior, cu, variant, chunk_size=Non
 
 
 def _floor(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+    """The matmuls of the loss alone, each one unchunked GEMM over every supervised token:
+    logits = h_s W^T (M x V, the buffer stands in for dlogits), dh_s = logits W, dW = logits^T
+    h_s; the sequence variant does the logits GEMM twice (its pre-pass). The lower bound of any
+    implementation that computes the logits (cut-cross-entropy's included)."""
+    mask = labels != IGNORE_INDEX
+    idx = mask.nonzero().squeeze(1)
+    work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    h, w = hidden.detach(), weight.detach()
+    h_s = h[idx]
+    z = torch.mm(h_s, w.t())
+    if variant == "sequence":
+        torch.mm(h_s, w.t(), out=z)
+    dh = torch.zeros_like(h)
+    dh[idx] = torch.mm(z, w)
+    dw = torch.mm(z.t(), h_s if h_s.dtype == work else h_s.to(work))
+    hidden.grad = dh
+    weight.grad = dw.to(w.dtype)
+    return torch.zeros(())
+
+
+def _floor_fwd(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+    """Forward-only floor: the one logits GEMM of the supervised tokens."""
+    idx = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    with torch.no_grad():
+        torch.mm(hidden[idx], weight.t())
+    return torch.zeros(())
+
+
+def _fused_fwd(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
+    """fused_pear_loss under no_grad: no gradient work at all (eval, log-prob collection)."""
+    from pear_kernels import fused_pear_loss
+
+    with torch.no_grad():
+        return fused_pear_loss(hidden, weight, labels, behavior, cu_seqlens=cu, variant=variant,
+                               chunk_size=chunk_size)
+
+
+def _floor_chunked(hidden, weight, labels, behavior, cu, variant, chunk_size=None):
     """The matmuls of the fused loss alone, on the same chunks, into the same gradient buffers.
 
     Token/block: logits = h_c W^T, dh_c = logits W, dW += logits^T h_c (the buffer stands in for
@@ -420,6 +462,9 @@ LOSSES: Dict[str, Callable] = {
     "fused_native": _fused_on("native"),
     "naive": _naive,
     "floor": _floor,
+    "floor_chunked": _floor_chunked,
+    "floor_fwd": _floor_fwd,
+    "fused_fwd": _fused_fwd,
     "torch_lce": _torch_lce,
     "torch_lce_matched": _torch_lce_matched,
     "liger": _liger,
@@ -644,8 +689,11 @@ def crosscheck(case: Case, names) -> Dict[str, Dict]:
             continue
         if loss.requires_grad:
             loss.backward()
-        if name == "floor":
+        if name.startswith("floor"):
             out[name] = {"status": "ok", "note": "matmuls only, not a loss"}
+            continue
+        if hidden.grad is None:  # forward only: the loss value is checked
+            out[name] = {"status": "ok", "loss_err": rel(loss.detach(), ref.detach())}
             continue
         out[name] = {
             "status": "ok",

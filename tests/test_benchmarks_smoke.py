@@ -26,6 +26,8 @@ TINY = dict(n=48, h=16, v=97, seq_len=16, prompt_frac=0.25)
 FAST = [name for name in LOSSES if name not in ("cce_compile", "liger", "flash_attn_ce")]
 # the distillation entries compute another loss than the oracle's PEAR SFT loss
 ORACLE_CHECKED = [name for name in FAST if not name.startswith("distill")]
+# the floors do the matmuls only; the forward-only entry returns no gradients
+NO_GRADS = ("floor", "floor_chunked", "floor_fwd", "fused_fwd")
 
 
 @pytest.mark.parametrize("variant", ["token", "sequence"])
@@ -33,7 +35,7 @@ def test_losses_agree_with_oracle(variant):
     res = crosscheck(Case(variant=variant, chunk_size=5, **TINY), ORACLE_CHECKED)
     for name in ORACLE_CHECKED:
         assert res[name]["status"] == "ok", (name, res[name])
-        if name != "floor":
+        if name not in NO_GRADS:
             assert res[name]["loss_err"] < 1e-5 and res[name]["dh_err"] < 1e-4 and res[name]["dw_err"] < 1e-4, (name, res[name])
 
 
