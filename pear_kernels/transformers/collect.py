@@ -37,6 +37,7 @@ import torch
 from .. import fused_token_logprobs
 from .data import DataFormatError, _decode_json_line, iter_source, tokenize_record
 from .head import call_through_head
+from .patch import backbone_of
 from .sampling import SamplingSettings, processed_distribution
 
 __all__ = [
@@ -357,7 +358,7 @@ def _score(model, pad_id: int, seqs: List[Tuple[List[int], List[int]]], sampling
         # hidden state i predicts token i + 1: the response tokens are targets of positions P-1 .. P+R-2
         target[b, len(p) - 1: len(full) - 1] = torch.tensor(r)
     ids, mask, target = ids.to(device), mask.to(device), target.to(device)
-    backbone = getattr(model, model.base_model_prefix)
+    backbone = backbone_of(model)
     hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
     if not sampling.truncates and not top_k_store:
         logp = call_through_head(
