@@ -9,14 +9,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
     long_description = f.read()
 
-# Floors: the versions the test suite ran against (transformers 5.23, trl 1.16, datasets 5.2):
-# older releases are not known to work (trl 0.19's SFTConfig has no loss_type, for one).
+# Floors: the lowest releases the Hugging Face tests (tests/test_hf_*, test_cli, test_collect_*,
+# test_rl_*) passed with, tested 2026-12-05 (`make floor-test` reruns them at these pins):
+# "hf": transformers 4.56.1, trl 0.23.0, accelerate 1.4.0, datasets 3.0.0, tokenizers 0.22.0 (and
+# the newest, transformers 5.23 / trl 1.16 / datasets 5.2). trl 0.22 fails (its SFTConfig has no
+# loss_type) and trl 0.23 needs transformers >= 4.56.1 and accelerate >= 1.4. "rl":
+# transformers 4.46.1 with tokenizers 0.20.0; transformers 4.45's Qwen2 forward refuses logits_to_keep.
 extras = {
     # Hugging Face models, Trainer and TRL's SFTTrainer
-    "hf": ["transformers>=5.0", "trl>=1.0", "tokenizers>=0.20", "accelerate>=1.0", "datasets>=3.0",
+    "hf": ["transformers>=4.56.1", "trl>=0.23.0", "tokenizers>=0.22.0", "accelerate>=1.4.0", "datasets>=3.0.0",
            "pyarrow>=12"],
     # the bundled SFT-then-RL loop and `make demo`: a tiny Qwen2 built from a config
-    "rl": ["transformers>=5.0", "tokenizers>=0.20"],
+    "rl": ["transformers>=4.46.1", "tokenizers>=0.20.0"],
     # GPU kernels (and their CPU interpreter tests)
     "triton": ["triton>=3.1"],
     # benchmarks against the naive loss and the peers

@@ -19,6 +19,19 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+@pytest.fixture(autouse=True)
+def _restore_accelerate_mixed_precision():
+    """transformers < 5's TrainingArguments writes ACCELERATE_MIXED_PRECISION into os.environ ("bf16"
+    under TRL's SFTConfig default) and later arguments with bf16=False keep it, so accelerate would
+    wrap the next trainer's forward in autocast: each test gets back the value it started with."""
+    before = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    yield
+    if before is None:
+        os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+    else:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = before
+
+
 def make_problem(
     shape=(3, 13),
     hidden_size=24,

@@ -210,7 +210,9 @@ def test_gemma_softcapped_logits_match_the_model(arch):
     torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
     for (name, p1), p2 in zip(m.named_parameters(), ref.parameters()):
         if p1.grad is not None:
-            torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6, msg=name)
+            # gradients reach ~10 at this logit scale; atol 1e-5 is fp32 round-off on them (transformers
+            # 4.56's own loss rounds one embedding-gradient element 2.6e-6 away)
+            torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-5, msg=name)
     # the cap matters at this scale: without it the loss would differ
     ref.config.final_logit_softcapping = None
     assert abs(float(ref(input_ids=ids, labels=labels).loss) - float(want.loss)) > 1e-3

@@ -51,6 +51,7 @@ from .formats import (
     read_collected,
 )
 from .head import call_through_head
+from .patch import backbone_of
 from .sampling import SamplingSettings, processed_distribution
 from .tokenizing import tokenize_record
 
@@ -351,7 +352,7 @@ def _score(model, pad_id: int, seqs: List[Tuple[List[int], List[int]]], sampling
         # hidden state i predicts token i + 1: the response tokens are targets of positions P-1 .. P+R-2
         target[b, len(p) - 1: len(full) - 1] = torch.tensor(r)
     ids, mask, target = ids.to(device), mask.to(device), target.to(device)
-    backbone = getattr(model, model.base_model_prefix)
+    backbone = backbone_of(model)
     hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
     if not sampling.truncates and not top_k_store:
         logp = call_through_head(

@@ -103,6 +103,16 @@ def _effective_forward(model):
     return getattr(f, "__func__", f)
 
 
+def backbone_of(model):
+    """The decoder backbone of a ``*ForCausalLM``: ``getattr(model, model.base_model_prefix)``, or
+    ``model.model`` when that is not a module (before transformers 5, Gemma 3's ForCausalLM names
+    its prefix ``language_model`` but keeps the backbone in ``model``); None if neither is one."""
+    backbone = getattr(model, model.base_model_prefix, None)
+    if not isinstance(backbone, nn.Module):
+        backbone = getattr(model, "model", None)
+    return backbone if isinstance(backbone, nn.Module) else None
+
+
 def pear_state(model) -> Optional[PEARPatchState]:
     """The patch state of a model instance or class, or None if it is not patched.
 
@@ -330,7 +340,7 @@ def _make_forward(original):
         return_dict = named.pop("return_dict", extra.pop("return_dict", None))
         if named.get("use_cache") is None:
             named["use_cache"] = False  # no cache in a training forward (as the stock forward under grad ckpt)
-        backbone = getattr(self, self.base_model_prefix)
+        backbone = backbone_of(self)
         outputs = backbone(**named, **extra)
         hidden_states = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
         result = _pear_loss_from_hidden(
@@ -443,8 +453,8 @@ def apply_pear_kernel(
         if head is None:
             raise TypeError(f"{cls.__name__} has no output embeddings (lm_head) to compute the loss with")
         resolve_head(head)  # fails early on a head whose weight cannot be found
-        backbone = getattr(model, model.base_model_prefix, None)
-        if not isinstance(backbone, nn.Module):
+        backbone = backbone_of(model)
+        if backbone is None:
             raise TypeError(
                 f"{cls.__name__}.{model.base_model_prefix} is not a module: cannot run the backbone alone"
             )
