@@ -167,3 +167,26 @@ def test_trl_accepts_a_pear_dataset_completion_and_assistant_only_and_liger(tmp_
         assert args.assistant_only_loss == kw.get("assistant_only_loss", False)  # the user's config is untouched
     for name in runs:
         assert losses[name] == pytest.approx(losses["default"], rel=1e-6), name
+
+
+def test_trl_default_bf16_mixed_precision_keeps_the_pear_loss(tmp_path):
+    """TRL's SFTConfig defaults to bf16=True: accelerate then wraps the model's forward
+    (autocast + outputs to fp32). The wrapper declares what it wraps, so the PEAR forward is
+    still found (it was refused as "replaced"), and the loss is the PEAR loss (its metrics are
+    logged) computed in fp32 whatever the autocast."""
+    from pear_kernels.transformers import PEARSFTTrainer, pear_sft_config
+    from pear_kernels.transformers.patch import pear_state
+
+    model = hf_utils.model(seed=1)
+    args = pear_sft_config(str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                           logging_steps=1, save_strategy="no", use_cpu=True, bf16=True, disable_tqdm=True, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = PEARSFTTrainer(model=model, args=args, train_dataset=_dataset(8),
+                                 processing_class=hf_utils.tokenizer(), pear_config=_CFG)
+        trainer.train()
+    assert hasattr(trainer.model.forward, "__wrapped__")  # accelerate's wrapper is in place
+    assert pear_state(trainer.model) is not None
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logged)
+    assert "pear/mean_weight" in logged[0]

@@ -94,12 +94,21 @@ class PEARPatchState:
 
 
 def _effective_forward(model):
+    """The forward a call runs, seen through wrappers that declare what they wrap
+    (``__wrapped__``: accelerate's mixed-precision ``convert_outputs_to_fp32(autocast(...))``,
+    functools.wraps decorators). A replacement that does not wrap the PEAR forward (Liger's
+    fused cross-entropy forward) ends the walk, so it is still detected."""
     if isinstance(model, nn.Module):
         f = model.__dict__.get("forward")
         if f is None:
             f = type(model).forward
     else:
         f = getattr(model, "forward", None)
+    for _ in range(16):
+        func = getattr(f, "__func__", f)
+        if getattr(func, "_pear_patched", False) or not hasattr(f, "__wrapped__"):
+            return func
+        f = f.__wrapped__
     return getattr(f, "__func__", f)
 
 
