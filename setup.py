@@ -25,7 +25,8 @@ extras = {
     "triton": ["triton>=3.1"],
     # benchmarks against the naive loss and the peers
     # (pytest-timeout: pytest.ini sets --timeout, so `pytest benchmarks` needs it too)
-    "bench": ["pytest-benchmark>=4.0", "liger-kernel>=0.5", "matplotlib>=3.7", "pytest>=8.0", "pytest-timeout>=2.2"],
+    "bench": ["pytest-benchmark>=4.0", "liger-kernel>=0.5", "matplotlib>=3.7", "pytest>=8.0", "pytest-timeout>=2.2",
+              "cut-cross-entropy>=25.1"],
     # optional extra task source for pear_kernels.rl (needs Python >= 3.11)
     "reasoning-gym": ["reasoning-gym>=0.1; python_version >= '3.11'"],
     "dev": ["pytest>=8.0", "hypothesis>=6.100", "ruff>=0.5", "pytest-timeout>=2.2", "peft>=0.13"],

@@ -88,7 +88,7 @@ SIGNATURE_FIELDS = (
     "variant", "block_size", "gamma", "delta_clip low", "delta_clip high", "log_weight_clip low",
     "log_weight_clip high", "reduction", "temperature", "num_items_in_batch", "ignore_index",
     "bias given", "supervised token count", "labels checksum", "cu_seqlens checksum",
-    "behavior_logprobs checksum", "hidden checksum", "backend",
+    "behavior_logprobs checksum", "hidden checksum", "backend", "chunk memory budget",
 )
 
 
@@ -123,6 +123,7 @@ def agree_vocab_parallel(
     *,
     hidden, weight, labels, behavior_logprobs, bias, cu_seqlens,
     config, reduction: str, temperature, num_items_in_batch, ignore_index, chunk_size, backend,
+    chunk_budget=None,
 ):
     """Validate this rank's inputs, then agree with every rank of ``group`` before any other
     collective runs; returns (VocabParallel, backend name, what ``check()`` returned).
@@ -183,7 +184,7 @@ def agree_vocab_parallel(
             _bits(ni) if ni is not None else -1, int(ignore_index), int(bias is not None),
             int(mask.sum()), _checksum(flat_labels), _checksum(cu_seqlens),
             _checksum(torch.where(mask, checked.behavior_logprobs, torch.zeros_like(checked.behavior_logprobs))),
-            _checksum(checked.hidden), _code(backend_name),
+            _checksum(checked.hidden), _code(backend_name), int(chunk_budget or 0),
         ]
         sig = fields + [int(weight.shape[0])]
     mine = torch.tensor(sig, dtype=torch.int64, device=device)

@@ -8,6 +8,7 @@ then the supervised-token layout.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -83,6 +84,40 @@ class PreparedProblem:
     autocast_off: contextlib.AbstractContextManager
 
 
+CHUNK_BUDGET_ENV = "PEAR_KERNELS_CHUNK_MIB"
+_chunk_budget_mib: Optional[float] = None
+
+
+def set_chunk_budget(mib: Optional[float]) -> None:
+    """Working memory (MiB) one chunk of logits may use when ``chunk_size`` is not given; None
+    restores the default (``PEAR_KERNELS_CHUNK_MIB`` if set, else 256 MiB). Larger chunks run
+    the matmuls closer to their peak (docs/performance.md has the measured curve); smaller ones
+    save memory. Every rank of a vocabulary-parallel group must use the same budget (the ranks
+    check it)."""
+    if mib is not None and (isinstance(mib, bool) or not isinstance(mib, (int, float)) or not mib > 0
+                            or mib != mib or mib == float("inf")):
+        raise ValueError(f"chunk budget must be a positive number of MiB or None, got {mib!r}")
+    global _chunk_budget_mib
+    _chunk_budget_mib = mib
+
+
+def chunk_budget() -> Optional[int]:
+    """The chunk memory budget in bytes set by set_chunk_budget or PEAR_KERNELS_CHUNK_MIB (None:
+    the kernels' default)."""
+    mib = _chunk_budget_mib
+    if mib is None:
+        raw = os.environ.get(CHUNK_BUDGET_ENV, "").strip()
+        if not raw:
+            return None
+        try:
+            mib = float(raw)
+        except ValueError:
+            raise ValueError(f"{CHUNK_BUDGET_ENV} must be a number of MiB, got {raw!r}") from None
+        if not mib > 0 or mib == float("inf"):
+            raise ValueError(f"{CHUNK_BUDGET_ENV} must be a positive number of MiB, got {raw!r}")
+    return int(mib * 2**20)
+
+
 def prepare_problem(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -136,7 +171,7 @@ def prepare_problem(
             hidden=hidden, weight=lm_head_weight, labels=labels, behavior_logprobs=behavior_logprobs,
             bias=bias, cu_seqlens=cu_seqlens, config=config, reduction=reduction,
             temperature=temperature, num_items_in_batch=num_items_in_batch,
-            ignore_index=ignore_index, chunk_size=chunk_size, backend=backend,
+            ignore_index=ignore_index, chunk_size=chunk_size, backend=backend, chunk_budget=chunk_budget(),
         )
         check(vocab_size=vocab_parallel.vocab_size)
     layout = build_layout(
@@ -146,6 +181,6 @@ def prepare_problem(
         hidden=chk.hidden, weight=lm_head_weight, bias=bias, labels=chk.labels,
         behavior_logprobs=chk.behavior_logprobs, layout=layout, config=config,
         temperature=float(temperature), chunk_size=chunk_size, vocab_parallel=vocab_parallel,
-        options=options, want_lse=want_lse,
+        options=options, want_lse=want_lse, chunk_budget=chunk_budget(),
     )
     return PreparedProblem(problem, chk, backend, autocast_off)

@@ -79,8 +79,16 @@ def test_suite_cases_name_known_losses():
     from benchmarks import test_cpu_bench
 
     names = {c.loss for _, c, _ in test_cpu_bench.CASES}
+    names |= {c.loss for cases in test_cpu_bench.INTERLEAVED.values() for c in cases}
     assert names <= set(LOSSES)
-    assert any(c.n == 8192 and c.h == 2048 and c.v == 151936 and large for _, c, large in test_cpu_bench.CASES)
+    # the targets' grid, each shape with the floors, the peers and forward only
+    grid = {(c.n, c.h, c.v) for k, cases in test_cpu_bench.INTERLEAVED.items() if k.startswith("target")
+            for c in cases}
+    assert grid == {(n, h, v) for n in (2048, 8192) for h in (1024, 2048) for v in (151936, 128256)}
+    for k, cases in test_cpu_bench.INTERLEAVED.items():
+        if k.startswith("target"):
+            assert {c.loss for c in cases} >= {"fused", "floor", "floor_chunked", "cce_compile", "torch_lce",
+                                               "torch_lce_matched", "fused_fwd", "floor_fwd"}, k
 
 
 def test_flash_attn_cross_entropy_cross_check_under_the_interpreter():

@@ -267,3 +267,52 @@ def test_in_place_change_before_recompute_backward_is_caught():
     x.add_(1.0)  # the recompute pass would read changed hidden states
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.sum().backward()
+
+
+def test_chunk_budget_sets_the_rows_and_keeps_the_result(monkeypatch):
+    """set_chunk_budget / PEAR_KERNELS_CHUNK_MIB choose the chunk rows (the loss and gradients
+    do not change, only how many chunks compute them); bad budgets name the setting."""
+    import pear_kernels
+    from pear_kernels.inputs import chunk_budget
+    from pear_kernels.kernels import backend as kb
+    from pear_kernels.kernels import torch_chunked
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(1000, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 1000, (40,), generator=g)
+    lb = -torch.rand(40, generator=g, dtype=torch.float64)
+    seen = []
+    real = torch_chunked.forward
+
+    def spy(problem, *a, **k):
+        seen.append(problem.rows())
+        return real(problem, *a, **k)
+
+    monkeypatch.setattr(torch_chunked, "forward", spy)
+    monkeypatch.delenv("PEAR_KERNELS_CHUNK_MIB", raising=False)
+    out = {}
+    try:
+        for name, mib in (("default", None), ("small", 0.02), ("env", "0.05")):
+            if name == "env":
+                pear_kernels.set_chunk_budget(None)
+                monkeypatch.setenv("PEAR_KERNELS_CHUNK_MIB", mib)
+            else:
+                pear_kernels.set_chunk_budget(mib)
+            hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            loss = fused_pear_loss(hh, ww, y, lb, backend="torch", variant="sequence")
+            loss.backward()
+            out[name] = (loss.detach(), hh.grad, ww.grad)
+    finally:
+        pear_kernels.set_chunk_budget(None)
+    # a row of the buffer is V * 4 bytes = 4000 here
+    assert seen[0] == kb.default_chunk_size(1000, 8) == min(kb.MAX_CHUNK_ROWS, kb.CHUNK_BUDGET_BYTES // 4000)
+    assert seen[1] == int(0.02 * 2**20) // 4000 == 5 and seen[2] == int(0.05 * 2**20) // 4000 == 13
+    for name in ("small", "env"):
+        for a, b in zip(out[name], out["default"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.setenv("PEAR_KERNELS_CHUNK_MIB", "lots")
+    with pytest.raises(ValueError, match="PEAR_KERNELS_CHUNK_MIB"):
+        chunk_budget()
+    with pytest.raises(ValueError, match="chunk budget"):
+        pear_kernels.set_chunk_budget(-1)

@@ -21,11 +21,17 @@ from .vocab_parallel import VocabParallel
 __all__ = ["Backend", "chunks_from_end", "PEARProblem", "Grads", "ForwardResult", "default_chunk_size",
            "CHUNK_BUDGET_BYTES", "GPU_MIN_CHUNK_ROWS", "LossOptions", "NO_OPTIONS", "work_dtype"]
 
-# Working memory for one chunk of logits. 128 MiB keeps a chunk of a 152k vocabulary at about
-# 220 rows. The three matmuls (H=2048) measured on a 2-core Xeon: 324 GFLOP/s at 256 rows, 323
-# at 441, 280 at 128, so little is lost below 256 MiB; the naive loss keeps ~2.6 copies of the
-# (N x V) logits, so at N=8192, V=151936 this is ~1% of its extra memory (256 MiB was ~2%).
-CHUNK_BUDGET_BYTES = 128 * 2**20
+# Working memory for one chunk of logits, by default. Chunk rows are chosen from a measured
+# curve within this budget (a user sets it: pear_kernels.set_chunk_budget, or
+# PEAR_KERNELS_CHUNK_MIB). Fused forward + backward at N=2048, V=151936, fp32, against the
+# unchunked 3-GEMM floor (2-core Xeon with AVX-512, round-robin, 2026-12-05):
+#     rows   128 (74 MiB)  220 (128 MiB)  512 (297 MiB)  1024 (594 MiB)
+#     H=1024   1.10x         1.03x          0.90x          0.88x
+#     H=2048     -           1.14x          0.99x          0.96x
+# (a chunk whose logits stay in the last-level cache beats the one big GEMM). 256 MiB (441 rows
+# at V=152k, 523 at V=128k) sits inside the 1.10x target at both widths, and keeps the extra
+# memory about 2% of the naive loss's at N=8192 (its ~2.6 copies of the N x V logits).
+CHUNK_BUDGET_BYTES = 256 * 2**20
 # Above this many rows a chunk gains nothing in matmul efficiency, and small-vocabulary
 # problems (RL on toy tasks) would otherwise get one giant chunk.
 MAX_CHUNK_ROWS = 8192
@@ -89,6 +95,8 @@ class PEARProblem:
     options: LossOptions = NO_OPTIONS
     # also return the per-token logsumexp (ForwardResult.lse)
     want_lse: bool = False
+    # bytes of working memory a chunk may use when chunk_size is not set (None: the default)
+    chunk_budget: Optional[int] = None
 
     @property
     def vocab_size(self) -> int:
@@ -101,14 +109,17 @@ class PEARProblem:
             return max(1, int(self.chunk_size))
         # vocabulary-parallel ranks must agree on the chunking: size it for the largest shard
         vocab = self.vocab_size if self.vocab_parallel is None else self.vocab_parallel.max_shard_size
-        rows = default_chunk_size(vocab, self.hidden.element_size())
+        rows = default_chunk_size(vocab, self.hidden.element_size(), self.chunk_budget)
         return max(rows, GPU_MIN_CHUNK_ROWS) if self.hidden.device.type == "cuda" else rows
 
 
-def default_chunk_size(vocab_size: int, element_size: int = 4) -> int:
-    # per row: fp32 logits/dlogits buffer, plus a half-precision logits copy for 16-bit inputs
+def default_chunk_size(vocab_size: int, element_size: int = 4, budget_bytes: Optional[int] = None) -> int:
+    """Rows per chunk: as many as the memory budget holds (default CHUNK_BUDGET_BYTES), at most
+    MAX_CHUNK_ROWS. Per row: the fp32 logits/dlogits buffer, plus a half-precision logits copy
+    for 16-bit inputs."""
+    budget = CHUNK_BUDGET_BYTES if budget_bytes is None else budget_bytes
     per_row = vocab_size * (4 + (element_size if element_size < 4 else 0))
-    return int(max(1, min(MAX_CHUNK_ROWS, CHUNK_BUDGET_BYTES // max(per_row, 1))))
+    return int(max(1, min(MAX_CHUNK_ROWS, budget // max(per_row, 1))))
 
 
 @dataclass
