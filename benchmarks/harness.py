@@ -260,11 +260,31 @@ def load_flash_attn_cross_entropy():
     return module
 
 
+class _NoopCudaDevice:
+    _pear_noop = True
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 @contextmanager
 def _cuda_device_noop_for_cpu(tensor):
-    """flash-attn enters torch.cuda.device(logits.device.index), which fails for a CPU tensor
-    (index None) under the interpreter: make it a no-op there, for the duration of the call."""
+    """flash-attn enters torch.cuda.device(logits.device.index) in forward and in backward,
+    which fails for a CPU tensor (index None) under the interpreter: make it a no-op there.
+    On a machine without CUDA the no-op stays for the process (the backward runs after this
+    call returns, and nothing can need a CUDA device there); with CUDA, for the call only."""
     if tensor.device.type != "cpu":
+        yield
+        return
+    if not torch.cuda.is_available():
+        if not getattr(torch.cuda.device, "_pear_noop", False):
+            torch.cuda.device = _NoopCudaDevice
         yield
         return
     real = torch.cuda.device

@@ -19,11 +19,14 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_crosscheck(name, bench_crosscheck):
-    res = crosscheck_in_child(CASES[name], list(LOSSES))
+    # the distillation entries compute another loss than the oracle's (test_distill_bench checks them)
+    names = [n for n in LOSSES if not n.startswith("distill")]
+    res = crosscheck_in_child(CASES[name], names)
     bench_crosscheck[name] = res
     assert res["fused"]["status"] == "ok" and res["naive"]["status"] == "ok"
     for loss, r in res.items():
         if r.get("status") == "ok" and "loss_err" in r:
             assert r["loss_err"] < 1e-5, (loss, r)
-            assert r["dh_err"] < 1e-4, (loss, r)
-            assert r["dw_err"] < 1e-4, (loss, r)
+            if "dh_err" in r:  # (forward-only entries return no gradients)
+                assert r["dh_err"] < 1e-4, (loss, r)
+                assert r["dw_err"] < 1e-4, (loss, r)

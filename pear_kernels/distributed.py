@@ -29,6 +29,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .checks import IGNORE_INDEX
 from .kernels.vocab_parallel import VocabParallel
 from .ops.dispatch import requested_backend  # the backend name is part of what ranks agree on
 
@@ -41,7 +42,7 @@ def _group_size_rank(group) -> Tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def global_num_items(labels: torch.Tensor, group=None, *, ignore_index: int = -100) -> torch.Tensor:
+def global_num_items(labels: torch.Tensor, group=None, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Number of supervised tokens (labels != ignore_index) summed over the ranks of ``group``.
 
     Pass the labels exactly as the loss sees them (already shifted). Returns a 0-d int64 tensor

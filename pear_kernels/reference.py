@@ -11,37 +11,23 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .checks import check_inputs, check_weight_clip
+from .checks import IGNORE_INDEX, check_inputs, check_weight_clip
 from .config import PEARConfig
 from .importance import build_layout, compute_log_weights
 from .inputs import loss_options
+from .ops.fused_linear_pear import loss_scale
 from .stats import PEARStats, summarize
 
 __all__ = ["reference_pear_loss", "reduce_token_losses"]
 
 
-def reduce_token_losses(
-    token_loss: torch.Tensor,
-    sup_index: torch.Tensor,
-    n_tokens: int,
-    shape,
-    reduction: str,
-    num_items_in_batch,
-) -> torch.Tensor:
-    """Apply the spec's normalizer to compact (M,) weighted token losses."""
+def reduce_token_losses(token_loss: torch.Tensor, layout, shape, reduction: str, num_items_in_batch) -> torch.Tensor:
+    """Reduce compact (M,) weighted token losses as the fused loss does: the same scatter
+    (``layout.to_tokens``) for "none", the same normaliser (``loss_scale``) otherwise. (The
+    independent check of both is tests/oracle.py, which shares no code with either.)"""
     if reduction == "none":
-        out = token_loss.new_zeros(n_tokens)  # (the reference keeps its own scatter: an oracle shares no code)
-        out = out.index_put((sup_index,), token_loss)
-        return out.reshape(shape)
-    total = token_loss.sum()
-    if reduction == "sum":
-        return total
-    if num_items_in_batch is not None:
-        denom = num_items_in_batch
-        if torch.is_tensor(denom):
-            denom = denom.to(device=total.device, dtype=total.dtype)
-        return total / denom
-    return total / max(int(sup_index.numel()), 1)
+        return layout.to_tokens(token_loss, shape)
+    return token_loss.sum() * loss_scale(reduction, num_items_in_batch, layout.num_supervised)
 
 
 def reference_pear_loss(
@@ -56,7 +42,7 @@ def reference_pear_loss(
     temperature: float = 1.0,
     reduction: str = "mean",
     num_items_in_batch=None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_stats: bool = False,
     compute_dtype: Optional[torch.dtype] = None,
     softcap: Optional[float] = None,
@@ -108,9 +94,7 @@ def reference_pear_loss(
     token_loss = log_w.exp().to(logp.dtype) * ce
     if options.lse_square_scale:
         token_loss = token_loss + options.lse_square_scale * torch.logsumexp(logits[idx], dim=-1) ** 2
-    loss = reduce_token_losses(
-        token_loss, idx, layout.n_tokens, chk.input_shape, reduction, num_items_in_batch
-    )
+    loss = reduce_token_losses(token_loss, layout, chk.input_shape, reduction, num_items_in_batch)
     if not return_stats:
         return loss
     return loss, summarize(logp, log_ratio, log_w_raw, log_w, layout, config, chk.input_shape)

@@ -12,11 +12,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..checks import IGNORE_INDEX  # the one definition, re-exported
 from .tokenizer import CharTokenizer
 
 __all__ = ["TokenBatch", "encode_batch", "IGNORE_INDEX"]
 
-IGNORE_INDEX = -100
 
 
 @dataclass

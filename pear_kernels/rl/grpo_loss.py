@@ -38,6 +38,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..checks import IGNORE_INDEX
+
 __all__ = ["AGGREGATIONS", "LOSS_TYPES", "grpo_loss", "fused_grpo_loss"]
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "constant-length")
@@ -216,7 +218,7 @@ def fused_grpo_loss(
     bias: Optional[torch.Tensor] = None,
     ref_logp: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     **loss_kwargs,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """GRPO loss straight from (B, L, H) hidden states and the LM head; labels (B, L).
