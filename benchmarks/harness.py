@@ -288,18 +288,7 @@ def _cuda_device_noop_for_cpu(tensor):
         yield
         return
     real = torch.cuda.device
-
-    class _Noop:
-        def __init__(self, *a, **k):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    torch.cuda.device = _Noop
+    torch.cuda.device = _NoopCudaDevice
     try:
         yield
     finally:
