@@ -286,9 +286,9 @@ def _crosscheck_md(cc: Dict) -> str:
             if r.get("status") != "ok":
                 lines.append(f"| {case_name} | {loss} | not run: {r.get('reason', '')} | | |")
             elif "loss_err" in r:
-                lines.append(
-                    f"| {case_name} | {loss} | {r['loss_err']:.1e} | {r['dh_err']:.1e} | {r['dw_err']:.1e} |"
-                )
+                dh = f"{r['dh_err']:.1e}" if "dh_err" in r else "- (forward only)"
+                dw = f"{r['dw_err']:.1e}" if "dw_err" in r else "-"
+                lines.append(f"| {case_name} | {loss} | {r['loss_err']:.1e} | {dh} | {dw} |")
     return "\n".join(lines) + "\n"
 
 
