@@ -142,6 +142,7 @@ def prepare_problem(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    budget = chunk_budget()  # read once: the agreement and the problem use the same value
     hidden, lm_head_weight, bias, autocast_off = leave_autocast(hidden, lm_head_weight, bias)
     def check(vocab_size=None):
         chk = check_inputs(
@@ -171,7 +172,7 @@ def prepare_problem(
             hidden=hidden, weight=lm_head_weight, labels=labels, behavior_logprobs=behavior_logprobs,
             bias=bias, cu_seqlens=cu_seqlens, config=config, reduction=reduction,
             temperature=temperature, num_items_in_batch=num_items_in_batch,
-            ignore_index=ignore_index, chunk_size=chunk_size, backend=backend, chunk_budget=chunk_budget(),
+            ignore_index=ignore_index, chunk_size=chunk_size, backend=backend, chunk_budget=budget,
         )
         check(vocab_size=vocab_parallel.vocab_size)
     layout = build_layout(
@@ -181,6 +182,6 @@ def prepare_problem(
         hidden=chk.hidden, weight=lm_head_weight, bias=bias, labels=chk.labels,
         behavior_logprobs=chk.behavior_logprobs, layout=layout, config=config,
         temperature=float(temperature), chunk_size=chunk_size, vocab_parallel=vocab_parallel,
-        options=options, want_lse=want_lse, chunk_budget=chunk_budget(),
+        options=options, want_lse=want_lse, chunk_budget=budget,
     )
     return PreparedProblem(problem, chk, backend, autocast_off)

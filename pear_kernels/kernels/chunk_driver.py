@@ -35,7 +35,7 @@ from ..config import Variant
 from ..importance import clip_log_weights
 from .backend import ForwardResult, Grads, PEARProblem, chunks_from_end, work_dtype
 
-__all__ = ["ChunkKernels", "ChunkStats", "GradSink", "token_rows", "token_logprobs", "forward", "backward",
+__all__ = ["ChunkKernels", "ChunkStats", "GradSink", "token_rows", "compact_labels", "token_logprobs", "forward", "backward",
            "finish"]
 
 Rows = Union[slice, torch.Tensor]
@@ -182,7 +182,8 @@ class GradSink:
         return Grads(dh, self.dw, self.db)
 
 
-def _labels(problem: PEARProblem) -> torch.Tensor:
+def compact_labels(problem: PEARProblem) -> torch.Tensor:
+    """(M,) labels of the supervised tokens, in compact order, contiguous."""
     return problem.labels[problem.layout.sup_index].contiguous()
 
 
@@ -193,7 +194,7 @@ def token_logprobs(problem: PEARProblem, k: ChunkKernels, with_entropy: bool = F
     dev = problem.hidden.device
     out = torch.empty(m, dtype=k.work_dtype, device=dev)
     ent = torch.empty(m, dtype=k.work_dtype, device=dev) if with_entropy else None
-    y_all = _labels(problem)
+    y_all = compact_labels(problem)
     for start, end in chunks_from_end(m, problem.rows()):
         z = k.logits(problem.hidden[token_rows(problem, start, end)])
         if ent is None:
@@ -223,7 +224,7 @@ def forward(problem: PEARProblem, k: ChunkKernels, grad_scale: Optional[float] =
     want_grads = grad_scale is not None and any(need)
     post_scale = k.post_scale(grad_scale) if want_grads else 1.0
     coef_scale = grad_scale / post_scale if want_grads else None
-    y_all = _labels(problem)
+    y_all = compact_labels(problem)
 
     def keep(st: ChunkStats, start: int, end: int) -> None:
         logp_all[start:end] = st.logp
@@ -266,7 +267,7 @@ def backward(problem: PEARProblem, k: ChunkKernels, coef: torch.Tensor, need: Tu
     """Recompute pass: gradients for the per-token factors ``coef`` (M,) (= w * d loss / d
     token loss) and ``ucoef`` (M,) (the unweighted factor, see ``ChunkKernels.dlogits_``)."""
     sink = k.sink(need, 1.0)
-    y_all = _labels(problem)
+    y_all = compact_labels(problem)
     for start, end in chunks_from_end(problem.layout.num_supervised, problem.rows()):
         rows_c = token_rows(problem, start, end)
         h_c = problem.hidden[rows_c]

@@ -32,6 +32,7 @@ import torch
 
 from . import chunk_driver, torch_chunked, triton_options
 from .backend import ForwardResult, Grads, PEARProblem
+from .chunk_driver import compact_labels
 from .triton_chunked import TritonKernels, contiguous_problem, hidden_rows, weight_rows
 from .triton_fused import fused_lse_forward, fused_recompute_backward
 from .triton_scan import pear_log_weights, pear_scan_
@@ -69,14 +70,10 @@ def _on_problem_device(fn):
     return wrapper
 
 
-def _compact_labels(problem: PEARProblem) -> torch.Tensor:
-    return problem.labels[problem.layout.sup_index].contiguous()
-
-
 def _fused_logprobs(problem: PEARProblem, with_entropy: bool = False):
     return fused_lse_forward(
         hidden_rows(problem), weight_rows(problem), problem.bias, problem.layout.sup_index,
-        _compact_labels(problem), problem.temperature, with_entropy,
+        compact_labels(problem), problem.temperature, with_entropy,
     )
 
 
@@ -87,7 +84,7 @@ def _scan_all(problem, logp, behavior, d, incl) -> None:
 def _fused_grads(problem: PEARProblem, lse, coef, need) -> Grads:
     h = hidden_rows(problem)
     dh_c, dw, db = fused_recompute_backward(
-        h, weight_rows(problem), problem.bias, problem.layout.sup_index, _compact_labels(problem),
+        h, weight_rows(problem), problem.bias, problem.layout.sup_index, compact_labels(problem),
         lse, coef, need, problem.temperature,
     )
     dh = None
