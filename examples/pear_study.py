@@ -8,6 +8,7 @@ saved as JSON in --data as it finishes; a rerun skips finished pieces; `report` 
 table, gates and plots from whatever is saved.
 
     python examples/pear_study.py run --data examples/study_results          # full, resumable
+    python examples/pear_study.py styles --data examples/study_results       # the style probes only
     python examples/pear_study.py report --data examples/study_results --docs docs/rl
     python examples/pear_study.py run --tiny --data /tmp/s                   # smoke test
 """
@@ -144,12 +145,9 @@ class Study:
                 f"pass@{cfg.k}": statistics.fmean(pass_at_k(n, c, cfg.k) for c in correct),
                 "natural_fraction": natural / len(texts)}
 
-    def probe(self, model, teacher: float, seed: int) -> Dict[str, float]:
-        """Teacher-trace NLL per token and PEAR token weights by trace style, on held-out traces."""
-        rng = random.Random(f"probe-{seed}-{teacher}")
-        pol = ChainSolverPolicy(teacher)
-        probs = [self.held[i % len(self.held)] for i in range(self.cfg.probe_traces)]
-        ex = [(p, *pol.sample(p, rng)) for p in probs]
+    def _token_weights(self, model, ex):
+        """PEAR token weights (and the teacher-trace NLL) of (problem, completion, behavior
+        log-probs) examples: (nll, weights (B, T), mask (B, T))."""
         batch = encode_batch(self.tok, [p.prompt for p, _, _ in ex], [c for _, c, _ in ex], [lp for _, _, lp in ex])
         with torch.no_grad():
             hidden = final_hidden_states(model, batch.input_ids)[:, :-1]
@@ -158,13 +156,56 @@ class Study:
                                   config=PEARConfig(variant="none"))
             _, st = fused_pear_loss(hidden, w, batch.labels, batch.behavior_logprobs, bias=b,
                                     config=PEARConfig(variant="token"), return_stats=True)
+        return float(nll), st.weights, st.mask
+
+    @staticmethod
+    def _style_means(weights, mask, sel, name):
+        """Mean token weight and mean first-token weight over the traces ``sel`` (None if none)."""
+        m = mask[sel]
+        mean = float(weights[sel][m].mean()) if bool(m.any()) else None
+        first = (float(torch.stack([r[mm][0] for r, mm in zip(weights[sel], m)]).mean())
+                 if bool(sel.any()) else None)
+        return {f"w_{name}": mean, f"first_w_{name}": first}
+
+    def probe(self, model, teacher: float, seed: int) -> Dict[str, float]:
+        """Teacher-trace NLL per token and PEAR token weights by trace style, on held-out traces
+        sampled from the teacher (at p 0.2 few or none are fully natural: see style_probe)."""
+        rng = random.Random(f"probe-{seed}-{teacher}")
+        pol = ChainSolverPolicy(teacher)
+        probs = [self.held[i % len(self.held)] for i in range(self.cfg.probe_traces)]
+        ex = [(p, *pol.sample(p, rng)) for p in probs]
+        nll, weights, mask = self._token_weights(model, ex)
         nat = torch.tensor([is_natural_order(p.data, c) for p, c, _ in ex])
-        out = {"teacher_nll": float(nll)}
+        out = {"teacher_nll": nll}
         for name, sel in (("natural", nat), ("shuffled", ~nat)):
-            m = st.mask[sel]
-            out[f"w_{name}"] = float(st.weights[sel][m].mean()) if bool(m.any()) else None
-            out[f"first_w_{name}"] = (float(torch.stack([r[mm][0] for r, mm in zip(st.weights[sel], st.mask[sel])]).mean())
-                                      if bool(sel.any()) else None)
+            out.update(self._style_means(weights, mask, sel, name))
+        return out
+
+    def style_probe(self, model, teacher: float, seed: int) -> Dict[str, float]:
+        """PEAR token weights on the two styles of trace for the same held-out problems, both
+        with the teacher's exact log-probs (as the SFT data carry them): each problem's
+        natural-order trace (the student's own style; the teacher writes it with probability
+        0.2^(distinct values - 1), so sampled teacher traces hold almost none) and one trace
+        sampled from the teacher that is not in natural order."""
+        rng = random.Random(f"style-probe-{seed}-{teacher}")
+        pol, own = ChainSolverPolicy(teacher), ChainSolverPolicy(1.0)
+        probs = [self.held[i % len(self.held)] for i in range(self.cfg.probe_traces)]
+        natural, shuffled = [], []
+        for p in probs:
+            text = own.sample(p, rng)[0]
+            natural.append((p, text, pol.trace_logprobs(p, text)))
+            for _ in range(64):  # a problem whose operands are all equal has no shuffled trace
+                text, lp = pol.sample(p, rng)
+                if not is_natural_order(p.data, text):
+                    shuffled.append((p, text, lp))
+                    break
+        out = {"traces_natural": len(natural), "traces_shuffled": len(shuffled)}
+        for name, ex in (("natural", natural), ("shuffled", shuffled)):
+            if ex:
+                _, weights, mask = self._token_weights(model, ex)
+                out.update(self._style_means(weights, mask, torch.ones(len(ex), dtype=torch.bool), name))
+            else:
+                out.update({f"w_{name}": None, f"first_w_{name}": None})
         return out
 
     # ---- pieces -----------------------------------------------------------------------------
@@ -216,6 +257,40 @@ class Study:
         with open(path) as f:
             return json.load(f)
 
+    def sft_arm(self, seed, teacher, arm, budget, lr):
+        """One SFT arm from the seed's base: (base, SFT model, SFT history)."""
+        base = self.base(seed)
+        model = copy.deepcopy(base)
+        data = collect_sft_data(self.task, ChainSolverPolicy(teacher), self.cfg.data_size, seed)
+        hist = sft_train(model, self.tok, data, PEAR[arm],
+                         SFTConfig(steps=budget, batch_size=self.cfg.batch, lr=lr, seed=seed))
+        return base, model, hist
+
+    def styles(self, seed):
+        """The weight gate's measurement: style_probe on the base and after the short PEAR-token
+        SFT (retrained: the pieces keep no checkpoints; its mean weight and last losses must
+        equal the saved piece's, a check that the rerun reproduces it). Saved as styles_seedN.json."""
+        name = f"styles_seed{seed}.json"
+        if self._read(name) is not None:
+            return "skipped"
+        teacher, budget = self.cfg.teachers[0], self.cfg.budgets[0]
+        piece = self._read(piece_name(seed, teacher, "token", budget))
+        if piece is None:
+            return "waiting for the token piece"
+        t0 = time.time()
+        base, model, hist = self.sft_arm(seed, teacher, "token", budget, self.cfg.sft_lr)
+        mean_w, loss_last = statistics.fmean(hist["mean_weight"]), statistics.fmean(hist["loss"][-20:])
+        res = {"seed": seed, "teacher": teacher, "budget": budget,
+               "base": self.style_probe(base, teacher, seed), "token_sft": self.style_probe(model, teacher, seed),
+               "reproduced": {"sft_mean_weight": [mean_w, piece["sft_mean_weight"]],
+                              "sft_loss_last": [loss_last, piece["sft_loss_last"]]},
+               "seconds": time.time() - t0}
+        self._write(name, res)
+        b, a = res["base"], res["token_sft"]
+        self.log(f"{name}: token weight shuffled/natural at the base {_ratio(b)}, after token SFT {_ratio(a)}; "
+                 f"reproduced mean weight {mean_w:.6f} vs piece {piece['sft_mean_weight']:.6f}")
+        return "done"
+
     def run_piece(self, seed, teacher, arm, budget):
         name = piece_name(seed, teacher, arm, budget)
         if self._read(name) is not None:
@@ -227,11 +302,7 @@ class Study:
                 return "waiting for the token piece"
             lr *= tok_piece["sft_mean_weight"]
         t0 = time.time()
-        base = self.base(seed)
-        model = copy.deepcopy(base)
-        data = collect_sft_data(self.task, ChainSolverPolicy(teacher), self.cfg.data_size, seed)
-        hist = sft_train(model, self.tok, data, PEAR[arm],
-                         SFTConfig(steps=budget, batch_size=self.cfg.batch, lr=lr, seed=seed))
+        base, model, hist = self.sft_arm(seed, teacher, arm, budget, lr)
         sft_ckpt = copy.deepcopy(model)
         pre, pre_probe = self.evaluate(model, seed), self.probe(model, teacher, seed)
         t_sft = time.time() - t0
@@ -258,7 +329,16 @@ class Study:
         pending = [p for p in piece_order(self.cfg) if p[0] % n == k]
         for _ in range(2):  # plain_lr pieces wait for their token piece; a second pass picks them up
             pending = [p for p in pending if self.run_piece(*p) not in ("done", "skipped")]
+        for seed in range(k, self.cfg.seeds, n):
+            if self.styles(seed) not in ("done", "skipped"):
+                pending.append((seed, "styles"))
         return pending
+
+
+def _ratio(probe) -> str:
+    if probe.get("w_natural") and probe.get("w_shuffled") is not None:
+        return f"{probe['w_shuffled'] / probe['w_natural']:.3f}"
+    return "n/a"
 
 
 def _dist(a, b) -> float:
@@ -268,7 +348,8 @@ def _dist(a, b) -> float:
 
 # ---- report ---------------------------------------------------------------------------------
 def load(data_dir):
-    pieces, bases = {}, {}
+    """(pieces by (seed, teacher, arm, budget), base records by seed, style probes by seed)."""
+    pieces, bases, styles = {}, {}, {}
     for f in sorted(os.listdir(data_dir)):
         if not f.endswith(".json"):
             continue
@@ -276,9 +357,11 @@ def load(data_dir):
             r = json.load(fh)
         if f.startswith("base_"):
             bases[r["seed"]] = r
+        elif f.startswith("styles_"):
+            styles[r["seed"]] = r
         else:
             pieces[(r["seed"], r["teacher"], r["arm"], r["budget"])] = r
-    return pieces, bases
+    return pieces, bases, styles
 
 
 def _ci(vals):
@@ -287,7 +370,7 @@ def _ci(vals):
 
 
 def report(data_dir, n_seeds=8):
-    pieces, bases = load(data_dir)
+    pieces, bases, styles = load(data_dir)
     if not pieces:
         return "no finished pieces yet", {}
     teachers = sorted({k[1] for k in pieces})
@@ -322,26 +405,33 @@ def report(data_dir, n_seeds=8):
     # gates, stated in advance (issue 12)
     main_t, short = teachers[0], budgets[0]
     plain_sft = [r["sft"]["pass@1"] for (s, t, a, b), r in pieces.items() if (t, a, b) == (main_t, "plain", short)]
-    # the weights PEAR starts SFT with (base checkpoint, p 0.2 teacher traces); after SFT the
-    # student imitates the teacher and the ratio drifts to ~1 (printed below for information)
-    ratios = [b["probe"]["w_shuffled"] / b["probe"]["w_natural"] for b in bases.values()
-              if b["probe"]["w_natural"] and b["probe"]["w_shuffled"]]
-    after = [r["sft_probe"]["w_shuffled"] / r["sft_probe"]["w_natural"] for (s, t, a, b), r in pieces.items()
-             if (t, a, b) == (main_t, "token", short) and r["sft_probe"]["w_natural"] and r["sft_probe"]["w_shuffled"]]
+    # the weights PEAR starts SFT with: base checkpoint, the same held-out problems written in
+    # both styles with the p 0.2 teacher's log-probs (style_probe); after PEAR-token SFT the
+    # student imitates the teacher and the ratio moves toward 1 (printed for information)
+    def ratio(probe):
+        return probe["w_shuffled"] / probe["w_natural"] if probe.get("w_natural") and probe.get("w_shuffled") else None
+    ratios = [r for r in (ratio(x["base"]) for x in styles.values()) if r is not None]
+    after = [r for r in (ratio(x["token_sft"]) for x in styles.values()) if r is not None]
     ctrl = gates.get((1.0, short))
     g = [Gate("plain SFT pass@1 after SFT (teacher 0.2, short budget), mean", statistics.fmean(plain_sft) if plain_sft else None, 0.1, 0.6),
-         Gate("PEAR token weight at the base checkpoint, shuffled / natural teacher traces, mean over seeds", statistics.fmean(ratios) if ratios else None, None, 0.85),
+         Gate(f"PEAR token weight at the base checkpoint, shuffled / natural traces, mean over {len(ratios)} seeds",
+              statistics.fmean(ratios) if ratios else None, None, 0.85),
          Gate("control teacher (p 1.0): |Δ token vs plain| RL pass@1", abs(statistics.fmean(ctrl.values())) if ctrl else None, None, 0.02)]
     lines.append("\n**Gates (stated in advance; a failed gate makes the run inconclusive, not a refutation)**\n")
     lines += [x.line() for x in g]
     if after:
-        lines.append(f"- (information) the same ratio after PEAR-token SFT: {statistics.fmean(after):.3f}")
+        lines.append(f"- (information) the same ratio after PEAR-token SFT ({short} steps): {statistics.fmean(after):.3f}")
     if bases:
         lines.append("\nbase checkpoints own-style pass@1: " + ", ".join(
             f"seed {s} {b['eval']['pass@1']:.3f}" for s, b in sorted(bases.items())))
-        lines.append("PEAR token weight at the base checkpoint, shuffled / natural teacher traces: " + ", ".join(
-            f"seed {s} {b['probe']['w_shuffled'] / b['probe']['w_natural']:.2f}" for s, b in sorted(bases.items())
-            if b["probe"]["w_natural"] and b["probe"]["w_shuffled"]))
+    if styles:
+        lines.append("PEAR token weight, shuffled / natural traces (mean weight natural; shuffled), base -> after token SFT: "
+                     + ", ".join(f"seed {s} {_ratio(x['base'])} ({x['base']['w_natural']:.2f}; {x['base']['w_shuffled']:.2f})"
+                                 f" -> {_ratio(x['token_sft'])}" for s, x in sorted(styles.items())))
+        bad = [s for s, x in sorted(styles.items())
+               if any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for a, b in x["reproduced"].values())]
+        lines.append("the retrained token SFT for the style probe reproduces the saved pieces: "
+                     + ("yes, every seed" if not bad else f"NO for seeds {bad}"))
     # premise: longer plain SFT -> lower teacher-trace loss but worse post-RL pass@1?
     if len(budgets) > 1:
         lo, hi = budgets[0], budgets[-1]
@@ -362,7 +452,7 @@ def plots(data_dir, out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    pieces, _ = load(data_dir)
+    pieces, _, styles = load(data_dir)
     if not pieces:
         return []
     os.makedirs(out_dir, exist_ok=True)
@@ -388,12 +478,16 @@ def plots(data_dir, out_dir):
     files.append(os.path.join(out_dir, "study_post_rl_pass1.png"))
     fig.savefig(files[-1], dpi=120)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for style in ("natural", "shuffled"):
-        ws = [r["sft_probe"][f"w_{style}"] for (s, t, a, b), r in pieces.items()
-              if a == "token" and t == min(k[1] for k in pieces) and r["sft_probe"][f"w_{style}"] is not None]
-        if ws:
-            ax.hist(ws, bins=20, alpha=0.6, label=f"{style}-order traces")
-    ax.set_xlabel("mean PEAR token weight per piece (after SFT, teacher traces)")
+    seeds = sorted(styles)
+    for i, (when, label) in enumerate((("base", "base checkpoint"), ("token_sft", "after PEAR-token SFT"))):
+        for j, style in enumerate(("natural", "shuffled")):
+            ws = [styles[s][when][f"w_{style}"] for s in seeds if styles[s][when][f"w_{style}"] is not None]
+            if ws:
+                xs = [2.5 * i + j] * len(ws)
+                ax.scatter(xs, ws, s=10, color=f"C{j}", label=f"{style}-order traces" if i == 0 else None)
+                ax.plot([2.5 * i + j - 0.3, 2.5 * i + j + 0.3], [statistics.fmean(ws)] * 2, color=f"C{j}")
+    ax.set_xticks([0.5, 3.0], ["base checkpoint", "after PEAR-token SFT"])
+    ax.set_ylabel("mean PEAR token weight (one dot per seed)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
@@ -405,7 +499,8 @@ def plots(data_dir, out_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["run", "report"])
+    p.add_argument("command", choices=["run", "styles", "report"],
+                   help="run: every piece, then the style probes; styles: the style probes only")
     p.add_argument("--data", default="examples/study_results")
     p.add_argument("--cache", default=None, help="base checkpoints (default: <data>/../study_cache, not committed)")
     p.add_argument("--docs", default=None, help="write plots here (report)")
@@ -419,14 +514,17 @@ def main(argv=None):
     cfg = tiny_config() if a.tiny else StudyConfig()
     if a.seeds is not None:
         cfg.seeds = a.seeds
-    if a.command == "run":
+    if a.command in ("run", "styles"):
         start = time.time()
         cache = a.cache or os.path.join(os.path.dirname(os.path.abspath(a.data)), "study_cache")
         st = Study(cfg, a.data, cache, log=lambda m: print(f"[{time.time() - start:7.0f} s] {m}", flush=True))
         k, n = (int(x) for x in a.shard.split("/"))
         if not 0 <= k < n:
             p.error(f"--shard: expected K/N with 0 <= K < N, got {a.shard!r}")
-        left = st.run((k, n))
+        if a.command == "run":
+            left = st.run((k, n))
+        else:
+            left = [(s, "styles") for s in range(k, cfg.seeds, n) if st.styles(s) not in ("done", "skipped")]
         print(f"finished; {len(left)} pieces left over; wall {time.time() - start:.0f} s")
     text, _ = report(a.data, cfg.seeds)
     print(text)

@@ -155,7 +155,8 @@ def fused_pear_distill_loss(
             (per-token w_t L_t of labels' shape, 0 where masked).
         num_items_in_batch: normalizer for "mean" under gradient accumulation (HF Trainer).
         ignore_index: label value of unsupervised tokens (their teacher entries are not read).
-        chunk_size: supervised tokens per logits chunk (default: from a 128 MiB budget).
+        chunk_size: supervised tokens per logits chunk (default: rows from the chunk budget,
+            512 MiB unless ``set_chunk_budget`` or ``PEAR_KERNELS_CHUNK_MIB`` says otherwise).
         backend: "auto", "torch", "native" or "triton" (``PEAR_KERNELS_BACKEND`` sets the default).
         check_values: validate the teacher's values (ids in range and distinct, log-probs not NaN,
             <= 0, a position's mass in (0, 1]) as well as shapes; False skips the host syncs,

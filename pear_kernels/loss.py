@@ -62,7 +62,8 @@ def fused_pear_loss(
             "sum", or "none" (per-token weighted losses of labels' shape, 0 where masked).
         num_items_in_batch: normalizer for "mean" under gradient accumulation (HF Trainer).
         return_stats: also return a PEARStats (log-probs, weights, ESS, clip fractions).
-        chunk_size: supervised tokens per logits chunk (default: from a 128 MiB budget).
+        chunk_size: supervised tokens per logits chunk (default: rows from the chunk budget,
+            512 MiB unless ``set_chunk_budget`` or ``PEAR_KERNELS_CHUNK_MIB`` says otherwise).
         backend: "auto" (default), or a backend name; ``PEAR_KERNELS_BACKEND`` sets the default.
         vocab_parallel_group: a torch.distributed process group over which the vocabulary is
             split. ``lm_head_weight`` (and ``bias``) are then this rank's contiguous shard of

@@ -99,10 +99,21 @@ def test_study_pipeline_tiny_and_resume(tmp_path, capsys):
     lr = json.loads((data / study.piece_name(0, 0.2, "plain_lr", 2)).read_text())
     assert lr["sft_lr"] == pytest.approx(cfg.sft_lr * tok["sft_mean_weight"])
     assert 0.0 <= tok["rl"]["pass@1"] <= 1.0 and tok["dist_sft_from_base"] > 0
+    # the style probe: both styles on the same problems, and a retrained token SFT that
+    # reproduces the saved piece exactly
+    styles = json.loads((data / "styles_seed0.json").read_text())
+    for when in ("base", "token_sft"):
+        assert styles[when]["traces_natural"] == cfg.probe_traces
+        assert 0 < styles[when]["w_natural"] and 0 < styles[when]["w_shuffled"]
+        assert styles[when]["traces_shuffled"] == cfg.probe_traces  # 5 operands: a shuffled trace exists
+    for ours, saved in styles["reproduced"].values():
+        assert ours == saved
     out = capsys.readouterr().out
     assert "Gates" in out and "(incomplete)" not in out  # 1 seed requested, 1 seed present
+    assert "reproduces the saved pieces: yes" in out and "mean over 1 seeds" in out
     # a rerun skips every finished piece
     st = study.Study(cfg, str(data), str(tmp_path / "cache"))
     assert all(st.run_piece(*p) == "skipped" for p in study.piece_order(cfg) if p[0] == 0)
+    assert st.styles(0) == "skipped"
     text, _ = study.report(str(data), n_seeds=8)
     assert "(incomplete)" in text

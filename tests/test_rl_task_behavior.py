@@ -95,6 +95,26 @@ def test_behavior_sampling_frequencies_match_probabilities():
         assert math.fsum(lp) == pytest.approx(policy.logprob(problem, c))
 
 
+def test_trace_logprobs_score_another_policys_trace():
+    # the natural-order trace of (3, 5, 2, 7) under p_natural 0.2, written out by hand: the first
+    # digit is one of 4 distinct values (P = 0.2 for the leftmost), then one of 3 (0.2), then of
+    # 2 (0.2), then the last value is forced (P = 1); every other character has P = 1
+    task, teacher = SumChainTask(2, 6), ChainSolverPolicy(0.2)
+    problem = task.make([3, 5, 2, 7])
+    natural = ChainSolverPolicy(1.0).sample(problem, random.Random(0))[0]
+    assert natural == "3+5=8+2=10+7=17" + task.eos
+    got = teacher.trace_logprobs(problem, natural)
+    want = [0.0] * len(natural)
+    want[0] = want[2] = want[6] = math.log(0.2)  # "3", "5" after the first '+', "2" after the second
+    assert got == pytest.approx(want, abs=1e-15)
+    assert teacher.logprob(problem, natural) == pytest.approx(3 * math.log(0.2))
+    # a trace the teacher cannot write (wrong sum) has no log-probs
+    assert teacher.trace_logprobs(problem, "3+5=9+2=11+7=18" + task.eos) is None
+    assert teacher.logprob(problem, "3+5=9" + task.eos) == -math.inf
+    # a shuffled trace: the student's own style (p 1.0) cannot write it
+    assert ChainSolverPolicy(1.0).trace_logprobs(problem, "5+3=8+2=10+7=17" + task.eos) is None
+
+
 def test_tokenizer_and_label_alignment():
     task, policy = SumChainTask(), ChainSolverPolicy(0.5)
     tok = CharTokenizer(task.alphabet, task.eos)

@@ -38,7 +38,7 @@ CHUNK_BUDGET_BYTES = 512 * 2**20
 # problems (RL on toy tasks) would otherwise get one giant chunk.
 MAX_CHUNK_ROWS = 8192
 # On a GPU each chunk's dW += dlogits^T h reads and writes the fp32 dW (8 V H bytes) for 2 V H
-# rows FLOPs: rows / 4 FLOP per byte. The 128 MiB budget gives ~220 rows at V = 152k (55
+# rows FLOPs: rows / 4 FLOP per byte. A 128 MiB budget would give ~220 rows at V = 152k (55
 # FLOP/byte), far under an H100's ridge point (989 TFLOP/s / 3.35 TB/s = 295), i.e.
 # memory-bound; 1024 rows reach 256 FLOP/byte for 0.9 GiB of fp32 + bf16 logits, so on a GPU
 # chunks get at least that many rows unless the caller sets chunk_size.

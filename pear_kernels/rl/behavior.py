@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .tasks import END, Problem
 
@@ -106,9 +106,16 @@ class ChainSolverPolicy:
         rec(list(operands), 0, [], [], True)
         return results
 
-    def logprob(self, problem: Problem, completion: str) -> float:
-        """Total log-probability of ``completion`` under the policy (-inf if it cannot write it)."""
+    def trace_logprobs(self, problem: Problem, completion: str) -> Optional[List[float]]:
+        """Per-token log-probs of ``completion`` under the policy, as ``sample`` gives them for
+        it (None if the policy cannot write it): the behavior log-probs of a trace that another
+        policy wrote, e.g. the natural-order trace scored under a p_natural = 0.2 teacher."""
         for text, logps in self.traces(problem):
             if text == completion:
-                return math.fsum(logps)
-        return -math.inf
+                return logps
+        return None
+
+    def logprob(self, problem: Problem, completion: str) -> float:
+        """Total log-probability of ``completion`` under the policy (-inf if it cannot write it)."""
+        logps = self.trace_logprobs(problem, completion)
+        return -math.inf if logps is None else math.fsum(logps)
