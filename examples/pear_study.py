@@ -402,6 +402,20 @@ def report(data_dir, n_seeds=8):
                 lines.append(f"| {ARMS[arm]} | {len(rs)}{mark} | {f('sft', 'pass@1'):.3f} | {f('rl', 'pass@1'):.3f} | "
                              f"{f('rl', f'pass@{k}'):.3f} | {f('sft', 'natural_fraction'):.2f}->{f('rl', 'natural_fraction'):.2f} | "
                              f"{statistics.fmean(r['dist_rl_from_sft'] for r in rs.values()):.2f} | {delta} | {above} |")
+    # PEAR against the step-size control (plain SFT at PEAR token's mean weight x lr), paired
+    for teacher in teachers:
+        for budget in budgets:
+            ctl = {s: r["rl"]["pass@1"] for (s, t, a, b), r in pieces.items() if (t, a, b) == (teacher, "plain_lr", budget)}
+            if not ctl:
+                continue
+            parts = []
+            for arm in ("token", "block", "sequence"):
+                d = paired_differences({s: r["rl"]["pass@1"] for (s, t, a, b), r in pieces.items()
+                                        if (t, a, b) == (teacher, arm, budget)}, ctl)
+                if d:
+                    parts.append(f"{ARMS[arm]} {_ci(list(d.values()))} ({'{}/{}'.format(*seeds_above(d))} above)")
+            if parts:
+                lines.append(f"\nvs the step-size control (teacher {teacher:g}, {budget} steps), Δ RL pass@1: " + "; ".join(parts))
     # gates, stated in advance (issue 12)
     main_t, short = teachers[0], budgets[0]
     plain_sft = [r["sft"]["pass@1"] for (s, t, a, b), r in pieces.items() if (t, a, b) == (main_t, "plain", short)]
@@ -457,23 +471,32 @@ def plots(data_dir, out_dir):
         return []
     os.makedirs(out_dir, exist_ok=True)
     files = []
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, (ax, axd) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     keys = sorted({(t, b) for (_, t, _, b) in pieces})
     x = 0
     ticks = []
     for t, b in keys:
+        plain = {s: r["rl"]["pass@1"] for (s, tt, a, bb), r in pieces.items() if (tt, a, bb) == (t, "plain", b)}
         for arm in ARMS:
-            vals = [r["rl"]["pass@1"] for (s, tt, a, bb), r in pieces.items() if (tt, a, bb) == (t, arm, b)]
-            if not vals:
+            rs = {s: r["rl"]["pass@1"] for (s, tt, a, bb), r in pieces.items() if (tt, a, bb) == (t, arm, b)}
+            if not rs:
                 continue
+            vals = list(rs.values())
             m, lo, hi = bootstrap_mean_ci(vals)
-            ax.errorbar([x], [m], yerr=[[m - lo], [hi - m]], fmt="o", capsize=3)
+            ax.errorbar([x], [m], yerr=[[m - lo], [hi - m]], fmt="o", capsize=3, color=f"C{list(ARMS).index(arm)}")
             ax.scatter([x] * len(vals), vals, s=6, color="gray")
+            d = paired_differences(rs, plain) if arm != "plain" else {}
+            if d:
+                m, lo, hi = bootstrap_mean_ci(list(d.values()))
+                axd.errorbar([x], [m], yerr=[[m - lo], [hi - m]], fmt="o", capsize=3, color=f"C{list(ARMS).index(arm)}")
+                axd.scatter([x] * len(d), list(d.values()), s=6, color="gray")
             ticks.append((x, f"{arm}\np{t:g} {b}"))
             x += 1
         x += 1
-    ax.set_xticks([t for t, _ in ticks], [label for _, label in ticks], fontsize=6)
-    ax.set_ylabel("held-out pass@1 after RL (mean, 95% bootstrap CI)")
+    axd.axhline(0.0, color="black", lw=0.8)
+    axd.set_xticks([t for t, _ in ticks], [label for _, label in ticks], fontsize=6)
+    ax.set_ylabel("pass@1 after RL\n(mean, 95% bootstrap CI)")
+    axd.set_ylabel("paired Δ to plain SFT\n(mean, 95% bootstrap CI)")
     fig.tight_layout()
     files.append(os.path.join(out_dir, "study_post_rl_pass1.png"))
     fig.savefig(files[-1], dpi=120)
