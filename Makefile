@@ -33,6 +33,7 @@ test: $(VENV)/.full
 demo: $(VENV)/.demo
 	$(PY) examples/demo.py
 	$(PY) examples/sft_then_rl.py --quick --out demo_out
+	$(PY) examples/pear_study.py run --tiny --data demo_out/pear_study --cache demo_out/pear_study_cache
 
 bench: $(VENV)/.full
 	$(PY) -m pytest benchmarks

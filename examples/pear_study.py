@@ -87,6 +87,9 @@ class StudyConfig:
     k: int = 8
     probe_traces: int = 256
     teachers: Tuple[float, ...] = (0.2, 1.0)
+    # a follow-up after the main run: a teacher that writes the student's style more often
+    # (a natural-order trace has probability ~0.5^4 instead of ~0.2^4), short budget, every arm
+    extra_teachers: Tuple[float, ...] = (0.5,)
 
 
 def tiny_config() -> StudyConfig:
@@ -97,7 +100,8 @@ def tiny_config() -> StudyConfig:
 
 def piece_order(cfg: StudyConfig) -> List[Tuple[int, float, str, int]]:
     """Most informative pieces first: short budget plain/token/sequence on the p=0.2 teacher,
-    then the control teacher, then block and the step-size control, then the long budget."""
+    then the control teacher, then block and the step-size control, then the long budget, then
+    the follow-up teachers (short budget)."""
     short, *longer = cfg.budgets
     main_t, ctrl = cfg.teachers[0], cfg.teachers[-1]
     order = []
@@ -106,6 +110,8 @@ def piece_order(cfg: StudyConfig) -> List[Tuple[int, float, str, int]]:
     for b in longer:
         waves += [(b, main_t, ("plain", "token", "sequence")), (b, ctrl, ("plain", "token")),
                   (b, main_t, ("block", "plain_lr"))]
+    for t in cfg.extra_teachers:
+        waves += [(short, t, ("plain", "token", "sequence")), (short, t, ("block", "plain_lr"))]
     for budget, teacher, arms in waves:
         for s in range(cfg.seeds):
             for a in arms:
@@ -380,6 +386,8 @@ def report(data_dir, n_seeds=8):
     gates = {}
     for teacher in teachers:
         for budget in budgets:
+            if not any((t, b) == (teacher, budget) for (_, t, _, b) in pieces):
+                continue  # the follow-up teachers run the short budget only
             lines += [f"\n**teacher p_natural {teacher:g}, SFT {budget} steps**\n",
                       f"| arm | seeds | SFT pass@1 | RL pass@1 | RL pass@{k} | natural frac SFT->RL | dist SFT->RL | "
                       f"Δ RL pass@1 vs plain [95% CI] | seeds above plain |", "|---|---|---|---|---|---|---|---|---|"]
