@@ -558,6 +558,9 @@ def main(argv=None):
             left = [(s, "styles") for s in range(k, cfg.seeds, n) if st.styles(s) not in ("done", "skipped")]
         print(f"finished; {len(left)} pieces left over; wall {time.time() - start:.0f} s")
     text, _ = report(a.data, cfg.seeds)
+    if a.tiny:
+        print("(--tiny: a seconds-long smoke configuration of the pipeline; its numbers mean nothing "
+              "and its gates are expected to fail)")
     print(text)
     if a.docs:
         os.makedirs(a.docs, exist_ok=True)
