@@ -68,6 +68,28 @@ void check_rows(const at::Tensor& z, const at::Tensor& y, const char* name) {
               ": labels must be int64 of length rows");
 }
 
+// pass 1 of a row: its max (-inf for an all -inf row)
+template <typename T>
+inline T row_max(const T* row, int64_t V) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t v = 0; v < V; ++v) m = row[v] > m ? row[v] : m;
+  return m;
+}
+
+// pass 2 of a row, in place: row <- exp(row - m); returns the sum of the exps
+template <typename T>
+inline T row_exp_sum_(T* row, int64_t V, T m) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t v = 0; v < V; ++v) {
+    T e = exp_poly(row[v] - m);
+    row[v] = e;
+    s += e;
+  }
+  return s;
+}
+
 template <typename T>
 void softmax_stats_impl(at::Tensor& z, const at::Tensor& y, at::Tensor& logp, at::Tensor& sumexp) {
   const int64_t rows = z.size(0), V = z.size(1);
@@ -78,17 +100,9 @@ void softmax_stats_impl(at::Tensor& z, const at::Tensor& y, at::Tensor& logp, at
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* row = zp + i * V;
-      T m = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : m)
-      for (int64_t v = 0; v < V; ++v) m = row[v] > m ? row[v] : m;
+      const T m = row_max(row, V);
       const T target = row[yp[i]];
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t v = 0; v < V; ++v) {
-        T e = exp_poly(row[v] - m);
-        row[v] = e;
-        s += e;
-      }
+      const T s = row_exp_sum_(row, V, m);
       sp[i] = s;
       lp[i] = target - m - std::log(s);
     }
@@ -183,24 +197,17 @@ void option_stats_impl(at::Tensor& z, const at::Tensor& y, at::Tensor* dcap, dou
       }
       T m = -std::numeric_limits<T>::infinity();
       T total = 0;
-      if (want_mean) {
+      if (want_mean) {  // the max and the sum in one pass
 #pragma omp simd reduction(max : m) reduction(+ : total)
         for (int64_t v = 0; v < V; ++v) {
           m = row[v] > m ? row[v] : m;
           total += row[v];
         }
       } else {
-#pragma omp simd reduction(max : m)
-        for (int64_t v = 0; v < V; ++v) m = row[v] > m ? row[v] : m;
+        m = row_max(row, V);
       }
       const T target = row[yp[i]];
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t v = 0; v < V; ++v) {
-        T e = exp_poly(row[v] - m);
-        row[v] = e;
-        s += e;
-      }
+      const T s = row_exp_sum_(row, V, m);
       sp[i] = s;
       lsep[i] = m + std::log(s);
       lp[i] = target - lsep[i];
