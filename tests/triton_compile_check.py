@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pear_kernels.kernels import triton_fused, triton_rows, triton_scan  # noqa: E402
+from pear_kernels.kernels import triton_distill, triton_fused, triton_options, triton_rows, triton_scan  # noqa: E402
 
 ARCHS = (80, 90)
 DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -112,6 +112,38 @@ def compile_row_kernels(arch):
              {"BLOCK_V": triton_rows.MAX_BLOCK_V}, arch, num_warps=4)
 
 
+def compile_option_kernels(arch):
+    """The loss options' row kernels (softcap, label smoothing's mean, z-loss's lse) in every
+    constexpr combination, on fp32 logits chunks and on 16-bit ones (their dlogits are
+    written back in the buffer's dtype)."""
+    for dt in ("fp32", "bf16"):
+        common = {"L_ptr": DT[dt], "stride_l": "i64", "Y_ptr": "*i64", "V": "i32", "inv_temp": "fp32",
+                  "cap": "fp32", "inv_cap": "fp32"}
+        for cap in (False, True):
+            for mean in (False, True):
+                for ent in (False, True) if dt == "fp32" else (False,):
+                    _compile(triton_options._option_stats_kernel,
+                             {**common, "LOGP_ptr": "*fp32", "LSE_ptr": "*fp32", "MEAN_ptr": "*fp32",
+                              "ENT_ptr": "*fp32"},
+                             {"BLOCK_V": triton_rows.MAX_BLOCK_V, "SOFTCAP": cap, "WITH_MEAN": mean,
+                              "WITH_ENTROPY": ent}, arch, num_warps=4)
+            _compile(triton_options._option_dlogits_kernel,
+                     {**common, "LSE_ptr": "*fp32", "F_ptr": "*fp32", "T_ptr": "*fp32", "U_ptr": "*fp32"},
+                     {"BLOCK_V": triton_rows.MAX_BLOCK_V, "SOFTCAP": cap}, arch, num_warps=4)
+
+
+def compile_distill_kernels(arch):
+    """The distillation row kernels (fp32 chunks; K = 20 teacher ids padded to 32)."""
+    common = {"L_ptr": "*fp32", "stride_l": "i64", "Y_ptr": "*i64", "IDS_ptr": "*i64", "stride_ids": "i64",
+              "V": "i32", "K": "i32"}
+    _compile(triton_distill._stats_kernel, {**common, "SY_ptr": "*fp32", "STOP_ptr": "*fp32", "LSE_ptr": "*fp32"},
+             {"BLOCK_V": triton_rows.MAX_BLOCK_V, "BLOCK_K": 32}, arch, num_warps=4)
+    for has_c in (False, True):
+        _compile(triton_distill._dlogits_kernel,
+                 {**common, "LSE_ptr": "*fp32", "A_ptr": "*fp32", "B_ptr": "*fp32", "C_ptr": "*fp32"},
+                 {"BLOCK_V": triton_rows.MAX_BLOCK_V, "BLOCK_K": 32, "HAS_C": has_c}, arch, num_warps=4)
+
+
 def compile_scan_kernels(arch):
     for block, warps in ((1024, 4), (triton_scan.MAX_SCAN_BLOCK, 8)):
         _compile(triton_scan._pear_scan_kernel,
@@ -170,7 +202,8 @@ def _check_16bit(dt, report, which, cfg):
 
 def main(archs) -> int:
     for arch in archs:
-        for step in (compile_row_kernels, compile_scan_kernels, compile_fused_forward, compile_fused_backward):
+        for step in (compile_row_kernels, compile_option_kernels, compile_distill_kernels, compile_scan_kernels,
+                     compile_fused_forward, compile_fused_backward):
             step(arch)
     print(f"OK: every kernel compiled for {', '.join(f'sm{a}' for a in archs)}")
     return 0

@@ -34,13 +34,15 @@ import triton
 import triton.language as tl
 
 from .torch_distill import TorchDistillRows
-from .triton_rows import vocab_tile
+from .triton_rows import online_lse_tile, vocab_tile
 from .triton_utils import ROW_WARPS, next_pow2
 
 __all__ = ["TritonDistillRows", "distill_row_stats", "distill_row_dlogits_"]
 
 # float32's lowest finite value: the floor of a log-prob whose logit is -inf (see pass 1)
-_NEG_FLT_MAX = -3.4028234663852886e38
+# a constexpr: compiled @triton.jit code may read no other global (the interpreter does not
+# check; tests/triton_compile_check.py compiles this kernel for sm80/sm90 and does)
+_NEG_FLT_MAX = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
@@ -54,14 +56,11 @@ def _stats_kernel(
     cols = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
+    t = tl.zeros((), tl.float32)  # unused without the entropy
     for v0 in range(0, V, BLOCK_V):
         c = v0 + cols
         z = tl.load(base + c, mask=c < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # a tile of nothing but -inf keeps m = -inf: shift by 0 then (exp(-inf - -inf) = NaN)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
-        m = m_new
+        m, s, t = online_lse_tile(z, m, s, t, False)
     lse = m + tl.log(s)
     tl.store(LSE_ptr + row, lse)
     y = tl.load(Y_ptr + row)

@@ -39,7 +39,7 @@ from . import chunk_driver
 from .backend import ForwardResult, Grads, PEARProblem
 from .chunk_driver import ChunkStats
 from .triton_chunked import TritonKernels, contiguous_problem
-from .triton_rows import vocab_tile
+from .triton_rows import online_lse_tile, vocab_tile
 from .triton_utils import ROW_WARPS
 
 __all__ = ["option_row_stats", "option_row_dlogits_", "TritonOptionKernels", "forward", "backward",
@@ -93,16 +93,9 @@ def _option_stats_kernel(
         r = tl.load(base + c, mask=inside, other=0.0).to(tl.float32)
         # the mask is applied after the cap: tanh of a padding value would give a finite -c
         z = tl.where(inside, _capped(r, inv_temp, cap, inv_cap, SOFTCAP), float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf tile (see triton_rows)
-        alpha = tl.exp(m - m_safe)
-        e = tl.exp(z - m_safe)
-        s = s * alpha + tl.sum(e, axis=0)
-        if WITH_ENTROPY:
-            t = t * alpha + tl.sum(tl.where(e > 0.0, e * z, 0.0), axis=0)
+        m, s, t = online_lse_tile(z, m, s, t, WITH_ENTROPY)
         if WITH_MEAN:
             total += tl.sum(tl.where(inside, z, 0.0), axis=0)
-        m = m_new
     lse = m + tl.log(s)
     z_y = _capped(tl.load(base + y).to(tl.float32), inv_temp, cap, inv_cap, SOFTCAP)
     tl.store(LOGP_ptr + row, z_y - lse)

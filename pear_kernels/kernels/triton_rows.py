@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .triton_utils import ROW_WARPS, interpreting, next_pow2
 
-__all__ = ["row_stats", "row_dlogits_", "vocab_tile"]
+__all__ = ["row_stats", "row_dlogits_", "vocab_tile", "online_lse_tile"]
 
 # Largest vocabulary tile: 2048 fp32 per row program is 16 registers per thread at 4 warps;
 # larger tiles spill, smaller ones issue more loop iterations for a 152k vocabulary.
@@ -43,6 +43,25 @@ INTERPRET_MAX_BLOCK_V = 4096
 def vocab_tile(vocab_size: int) -> int:
     cap = INTERPRET_MAX_BLOCK_V if interpreting() else MAX_BLOCK_V
     return min(cap, next_pow2(vocab_size))
+
+
+@triton.jit
+def online_lse_tile(z, m, s, t, WITH_ENTROPY: tl.constexpr):
+    """One vocabulary tile of a row's online logsumexp: the running max m, the running sum
+    s = sum exp(z - m) and, with WITH_ENTROPY, t = sum exp(z - m) z, rescaled to the new max.
+    Returns (m, s, t); after the last tile lse = m + log s and the entropy is lse - t / s."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    # a tile of nothing but -inf (a -inf bias masking padded vocabulary) keeps m = -inf:
+    # shift by 0 then, or exp(-inf - -inf) = NaN would poison s
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(z - m_safe)
+    s = s * alpha + tl.sum(e, axis=0)
+    if WITH_ENTROPY:
+        # e = 0 exactly where z = -inf (masked columns, -inf logits): 0 * -inf is NaN, so
+        # those terms are dropped instead of multiplied
+        t = t * alpha + tl.sum(tl.where(e > 0.0, e * z, 0.0), axis=0)
+    return m_new, s, t
 
 
 @triton.jit
@@ -61,18 +80,7 @@ def _row_stats_kernel(
     for v0 in range(0, V, BLOCK_V):
         c = v0 + cols
         z = tl.load(base + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # a tile of nothing but -inf (a -inf bias masking padded vocabulary) keeps m = -inf:
-        # shift by 0 then, or exp(-inf - -inf) = NaN would poison s
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        e = tl.exp(z - m_safe)
-        s = s * alpha + tl.sum(e, axis=0)
-        if WITH_ENTROPY:
-            # e = 0 exactly where z = -inf (masked columns, -inf logits): 0 * -inf is NaN, so
-            # those terms are dropped instead of multiplied
-            t = t * alpha + tl.sum(tl.where(e > 0.0, e * z, 0.0), axis=0)
-        m = m_new
+        m, s, t = online_lse_tile(z, m, s, t, WITH_ENTROPY)
     lse = m + tl.log(s)
     z_y = tl.load(base + y).to(tl.float32) * inv_temp
     tl.store(LOGP_ptr + row, z_y - lse)
