@@ -36,7 +36,7 @@ from ..importance import clip_log_weights
 from .backend import ForwardResult, Grads, PEARProblem, chunks_from_end, work_dtype
 
 __all__ = ["ChunkKernels", "ChunkStats", "GradSink", "token_rows", "compact_labels", "token_logprobs", "forward", "backward",
-           "finish"]
+           "finish", "mm_fp32_out"]
 
 Rows = Union[slice, torch.Tensor]
 
@@ -101,7 +101,7 @@ def token_rows(problem: PEARProblem, start: int, end: int) -> Rows:
     return idx
 
 
-def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> bool:
+def mm_fp32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> bool:
     """out (fp32) = / += a @ b for 16-bit a, b on tensor cores with fp32 accumulation and an
     fp32 result (torch's out_dtype GEMM, CUDA only). False where it is not available."""
     if not a.is_cuda:
@@ -158,7 +158,7 @@ class GradSink:
                     dh_c = dh_c.to(self.dh.dtype)
                 self.dh[rows] = dh_c * self.post_scale if self.post_scale != 1.0 else dh_c
         if self.dw is not None:
-            if not (self.low_precision and _mm_fp32_out(d_in.t(), h_c, self.dw, self._dw_written)):
+            if not (self.low_precision and mm_fp32_out(d_in.t(), h_c, self.dw, self._dw_written)):
                 h_acc = h_c if h_c.dtype == self.dw.dtype else h_c.to(self.dw.dtype)
                 if self._dw_written:
                     self.dw.addmm_(dlogits.t(), h_acc)

@@ -9,12 +9,13 @@ subclasses it with the loss options' row kernels, triton_distill borrows its log
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import torch
 
 from .backend import PEARProblem
-from .chunk_driver import ChunkStats, GradSink
+from .chunk_driver import ChunkStats, GradSink, mm_fp32_out
 from .triton_rows import row_dlogits_, row_stats
 from .triton_scan import pear_log_weights, pear_scan_
 
@@ -39,11 +40,26 @@ def grad_sink(problem: PEARProblem, need, post_scale: float = 1.0) -> GradSink:
 
 
 def logits_chunk(problem: PEARProblem, h_c: torch.Tensor) -> torch.Tensor:
-    """Raw fp32 logits h W^T + b of a chunk (the temperature is applied by the row kernels)."""
+    """Raw fp32 logits h W^T + b of a chunk (the temperature is applied by the row kernels).
+
+    16-bit inputs: a tensor-core GEMM with fp32 accumulation *and an fp32 result* (torch's
+    out_dtype GEMM on CUDA). A 16-bit result rounded to fp32 afterwards would move the
+    log-probs by up to ~0.1 at logits of ~30 (bf16 keeps 8 bits), so the chunked path would
+    disagree with the fused kernels (fp32 logit tiles) and with the CPU backends; without
+    that GEMM (CPU tensors under the interpreter) the chunk is multiplied in fp32."""
     w, b = weight_rows(problem), problem.bias
     if h_c.dtype == torch.float32:
         return torch.addmm(b, h_c, w.t()) if b is not None else torch.mm(h_c, w.t())
-    logits = torch.mm(h_c, w.t()).float()  # 16-bit tensor-core matmul, fp32 softmax math
+    logits = torch.empty(h_c.shape[0], w.shape[0], dtype=torch.float32, device=h_c.device)
+    if not mm_fp32_out(h_c, w.t(), logits, accumulate=False):
+        if h_c.is_cuda:
+            warnings.warn(
+                "this torch has no 16-bit GEMM with an fp32 result (torch >= 2.8 on CUDA has it): "
+                "pear_kernels' chunked Triton path multiplies the logits in fp32 instead, which is "
+                "correct but slower; upgrade torch, or set PEAR_KERNELS_TRITON_FUSED=1",
+                RuntimeWarning, stacklevel=2,
+            )
+        torch.mm(h_c.float(), w.t().float(), out=logits)  # exact products of 16-bit values
     if b is not None:
         logits += b
     return logits
