@@ -422,7 +422,7 @@ def test_triton_rows_with_the_cuda_gemm_glue(monkeypatch):
 
     monkeypatch.setattr(triton_distill.TritonDistillRows, "buffer", staticmethod(triton_distill._CudaLogits))
     monkeypatch.setattr(triton_distill.TritonDistillRows, "sink",
-                        staticmethod(lambda problem, need, buffer: grad_sink(problem, need)))
+                        staticmethod(lambda problem, need, buffer, post=1.0: grad_sink(problem, need, post)))
     hidden, weight, labels, behavior, ids, lq, _ = _problem(n=11, v=37, k=4, dtype=torch.float32)
     cu = torch.tensor([0, 5, 11])
     kw = dict(tail="bucket", hard_weight=0.25, temperature=1.3, variant="sequence")
@@ -436,6 +436,34 @@ def test_triton_rows_with_the_cuda_gemm_glue(monkeypatch):
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(h1.grad.double(), h2.grad, rtol=2e-4, atol=2e-5)
     torch.testing.assert_close(w1.grad.double(), w2.grad, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.skipif(not _interpreted_triton(), reason="needs triton imported under TRITON_INTERPRET=1")
+def test_fp16_gradients_survive_a_large_normaliser_on_the_cuda_glue(monkeypatch):
+    """fp16 on the CUDA glue (dlogits cast to fp16 for the gradient GEMMs) with a normaliser
+    of 65536 tokens and a GradScaler-style upstream 65536: the 1/N factor must come after the
+    GEMMs (TritonDistillRows.post_scale), or p_u / N flushes to zero in fp16."""
+    from pear_kernels.kernels import triton_distill
+    from pear_kernels.kernels.triton_chunked import grad_sink
+
+    rows = triton_distill.TritonDistillRows
+    monkeypatch.setattr(rows, "buffer", staticmethod(triton_distill._CudaLogits))
+    monkeypatch.setattr(rows, "sink", staticmethod(lambda problem, need, buffer, post=1.0: grad_sink(problem, need, post)))
+    # the CUDA rule, on CPU tensors
+    monkeypatch.setattr(rows, "post_scale", staticmethod(
+        lambda problem, grad_scale: grad_scale if problem.hidden.dtype == torch.float16 else 1.0))
+    hidden, weight, labels, behavior, ids, lq, _ = _problem(n=12, v=48, k=4, dtype=torch.float16)
+    kw = dict(tail="bucket", hard_weight=0.25, num_items=65536.0)
+    h1, w1 = _leaf(hidden), _leaf(weight)
+    out = fused_pear_distill_loss(h1, w1, labels, behavior, ids, lq, chunk_size=5, backend="triton",
+                                  tail="bucket", hard_weight=0.25, num_items_in_batch=65536.0)
+    (out * 65536.0).backward()
+    h2, w2 = _leaf(hidden.double()), _leaf(weight.double())
+    ref = _oracle(h2, w2, labels, behavior, ids, lq, None, **kw)
+    (ref * 65536.0).backward()
+    for got, want in ((h1.grad, h2.grad), (w1.grad, w2.grad)):
+        err = float((got.double() - want).abs().max())
+        assert err <= 2e-3 * float(want.abs().max()), err
 
 
 # ----------------------------------------------------------------------------- the example

@@ -104,8 +104,14 @@ class TorchDistillRows:
         return _LogitsBuffer(problem)
 
     @staticmethod
-    def sink(problem: PEARProblem, need, buffer: _LogitsBuffer):
-        return GradSink(problem, need, buffer.weight)
+    def sink(problem: PEARProblem, need, buffer: _LogitsBuffer, post_scale: float = 1.0):
+        return GradSink(problem, need, buffer.weight, post_scale=post_scale)
+
+    @staticmethod
+    def post_scale(problem: PEARProblem, grad_scale: float) -> float:
+        """The part of ``grad_scale`` applied after the gradient GEMMs instead of inside the
+        dlogits (see chunk_driver.ChunkKernels.post_scale): none here, the dlogits stay fp32."""
+        return 1.0
 
     @staticmethod
     def rows(problem: PEARProblem) -> int:
@@ -258,7 +264,8 @@ def forward(problem: PEARProblem, targets: DistillTargets, rows_math=TorchDistil
     behavior = problem.behavior_logprobs[layout.sup_index].to(torch.float64)
     want = grad_scale is not None and any(need)
     buffer = rows_math.buffer(problem)
-    sink = rows_math.sink(problem, need, buffer) if want else None
+    post = rows_math.post_scale(problem, grad_scale) if want else 1.0
+    sink = rows_math.sink(problem, need, buffer, post) if want else None
     logp_all = torch.empty(m, dtype=_work_dtype(problem.hidden.dtype), device=device)
     loss_tok = torch.empty(m, dtype=torch.float64, device=device)
     d = torch.empty(m, dtype=torch.float64, device=device)
@@ -279,7 +286,7 @@ def forward(problem: PEARProblem, targets: DistillTargets, rows_math=TorchDistil
             )
         if sink is not None:
             w = clip_log_weights(log_w_raw[start:end], config).exp()
-            sink.add(ch.dlogits(rows_math, targets, w * (grad_scale / problem.temperature)), ch.h,
+            sink.add(ch.dlogits(rows_math, targets, w * (grad_scale / post / problem.temperature)), ch.h,
                      ch.token_rows)
     log_w = clip_log_weights(log_w_raw, config)
     return ForwardResult(

@@ -183,12 +183,19 @@ class TritonDistillRows(TorchDistillRows):
         return _CudaLogits(problem) if problem.hidden.is_cuda else TorchDistillRows.buffer(problem)
 
     @staticmethod
-    def sink(problem, need, buffer):
+    def sink(problem, need, buffer, post_scale: float = 1.0):
         if problem.hidden.is_cuda:
             from .triton_chunked import grad_sink
 
-            return grad_sink(problem, need)
-        return TorchDistillRows.sink(problem, need, buffer)
+            return grad_sink(problem, need, post_scale)
+        return TorchDistillRows.sink(problem, need, buffer, post_scale)
+
+    @staticmethod
+    def post_scale(problem, grad_scale: float) -> float:
+        # on CUDA the dlogits are cast to the input dtype for the gradient GEMMs: for fp16 the
+        # 1/normaliser goes after them, or p_u / N (1e-10 at V = 152k, N = 64k) flushes to 0
+        # (docs/triton_backend.md item 6; the SFT loss's TritonKernels.post_scale)
+        return grad_scale if problem.hidden.is_cuda and problem.hidden.dtype == torch.float16 else 1.0
 
     @staticmethod
     def rows(problem) -> int:
