@@ -341,10 +341,16 @@ class Study:
         return pending
 
 
-def _ratio(probe) -> str:
+def _style_ratio(probe):
+    """Mean token weight on shuffled traces over that on natural ones (None if either is missing)."""
     if probe.get("w_natural") and probe.get("w_shuffled") is not None:
-        return f"{probe['w_shuffled'] / probe['w_natural']:.3f}"
-    return "n/a"
+        return probe["w_shuffled"] / probe["w_natural"]
+    return None
+
+
+def _ratio(probe) -> str:
+    r = _style_ratio(probe)
+    return "n/a" if r is None else f"{r:.3f}"
 
 
 def _dist(a, b) -> float:
@@ -430,10 +436,8 @@ def report(data_dir, n_seeds=8):
     # the weights PEAR starts SFT with: base checkpoint, the same held-out problems written in
     # both styles with the p 0.2 teacher's log-probs (style_probe); after PEAR-token SFT the
     # student imitates the teacher and the ratio moves toward 1 (printed for information)
-    def ratio(probe):
-        return probe["w_shuffled"] / probe["w_natural"] if probe.get("w_natural") and probe.get("w_shuffled") else None
-    ratios = [r for r in (ratio(x["base"]) for x in styles.values()) if r is not None]
-    after = [r for r in (ratio(x["token_sft"]) for x in styles.values()) if r is not None]
+    ratios = [r for r in (_style_ratio(x["base"]) for x in styles.values()) if r is not None]
+    after = [r for r in (_style_ratio(x["token_sft"]) for x in styles.values()) if r is not None]
     ctrl = gates.get((1.0, short))
     g = [Gate("plain SFT pass@1 after SFT (teacher 0.2, short budget), mean", statistics.fmean(plain_sft) if plain_sft else None, 0.1, 0.6),
          Gate(f"PEAR token weight at the base checkpoint, shuffled / natural traces, mean over {len(ratios)} seeds",
