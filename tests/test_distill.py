@@ -444,14 +444,12 @@ def test_fp16_gradients_survive_a_large_normaliser_on_the_cuda_glue(monkeypatch)
     of 65536 tokens and a GradScaler-style upstream 65536: the 1/N factor must come after the
     GEMMs (TritonDistillRows.post_scale), or p_u / N flushes to zero in fp16."""
     from pear_kernels.kernels import triton_distill
-    from pear_kernels.kernels.triton_chunked import grad_sink
+    from pear_kernels.kernels.triton_chunked import grad_post_scale, grad_sink
 
     rows = triton_distill.TritonDistillRows
     monkeypatch.setattr(rows, "buffer", staticmethod(triton_distill._CudaLogits))
     monkeypatch.setattr(rows, "sink", staticmethod(lambda problem, need, buffer, post=1.0: grad_sink(problem, need, post)))
-    # the CUDA rule, on CPU tensors
-    monkeypatch.setattr(rows, "post_scale", staticmethod(
-        lambda problem, grad_scale: grad_scale if problem.hidden.dtype == torch.float16 else 1.0))
+    monkeypatch.setattr(rows, "post_scale", staticmethod(grad_post_scale))  # the CUDA rule, on CPU tensors
     hidden, weight, labels, behavior, ids, lq, _ = _problem(n=12, v=48, k=4, dtype=torch.float16)
     kw = dict(tail="bucket", hard_weight=0.25, num_items=65536.0)
     h1, w1 = _leaf(hidden), _leaf(weight)

@@ -19,7 +19,7 @@ from .chunk_driver import ChunkStats, GradSink, mm_fp32_out
 from .triton_rows import row_dlogits_, row_stats
 from .triton_scan import pear_log_weights, pear_scan_
 
-__all__ = ["TritonKernels", "grad_sink", "logits_chunk", "contiguous_problem", "hidden_rows", "weight_rows"]
+__all__ = ["TritonKernels", "grad_sink", "grad_post_scale", "logits_chunk", "contiguous_problem", "hidden_rows", "weight_rows"]
 
 
 def hidden_rows(problem: PEARProblem) -> torch.Tensor:
@@ -37,6 +37,14 @@ def grad_sink(problem: PEARProblem, need, post_scale: float = 1.0) -> GradSink:
     input dtype, dW accumulating in fp32 (an fp32 GEMM on CUDA cores would be ~15x slower than
     the two 16-bit ones on A100/H100); see chunk_driver.GradSink."""
     return GradSink(problem, need, weight_rows(problem), low_precision=True, post_scale=post_scale)
+
+
+def grad_post_scale(problem: PEARProblem, grad_scale: float) -> float:
+    """The part of ``grad_scale`` that ``grad_sink`` applies after its GEMMs instead of inside
+    the dlogits it casts to the input dtype: all of it for fp16, where 1/normaliser folded into
+    16-bit dlogits (p_u / N is 1e-10 at V = 152k, N = 64k) would flush them to zero; none for
+    bf16 (fp32's exponent range) and fp32."""
+    return grad_scale if problem.hidden.dtype == torch.float16 else 1.0
 
 
 def logits_chunk(problem: PEARProblem, h_c: torch.Tensor) -> torch.Tensor:
@@ -97,8 +105,7 @@ class TritonKernels:
         return grad_sink(self.problem, need, post_scale)
 
     def post_scale(self, grad_scale: float) -> float:
-        # fp16: the normaliser is applied after the GEMMs, not inside the 16-bit dlogits
-        return grad_scale if self.problem.hidden.dtype == torch.float16 else 1.0
+        return grad_post_scale(self.problem, grad_scale)
 
 
 def contiguous_problem(problem: PEARProblem) -> PEARProblem:

@@ -192,10 +192,13 @@ class TritonDistillRows(TorchDistillRows):
 
     @staticmethod
     def post_scale(problem, grad_scale: float) -> float:
-        # on CUDA the dlogits are cast to the input dtype for the gradient GEMMs: for fp16 the
-        # 1/normaliser goes after them, or p_u / N (1e-10 at V = 152k, N = 64k) flushes to 0
-        # (docs/triton_backend.md item 6; the SFT loss's TritonKernels.post_scale)
-        return grad_scale if problem.hidden.is_cuda and problem.hidden.dtype == torch.float16 else 1.0
+        # on CUDA the gradients go through grad_sink (dlogits cast to the input dtype): its rule;
+        # on CPU tensors through the fp32 sink of the chunked path, which needs none
+        if problem.hidden.is_cuda:
+            from .triton_chunked import grad_post_scale
+
+            return grad_post_scale(problem, grad_scale)
+        return 1.0
 
     @staticmethod
     def rows(problem) -> int:
