@@ -90,7 +90,7 @@ _chunk_budget_mib: Optional[float] = None
 
 def set_chunk_budget(mib: Optional[float]) -> None:
     """Working memory (MiB) one chunk of logits may use when ``chunk_size`` is not given; None
-    restores the default (``PEAR_KERNELS_CHUNK_MIB`` if set, else 256 MiB). Larger chunks run
+    restores the default (``PEAR_KERNELS_CHUNK_MIB`` if set, else 512 MiB). Larger chunks run
     the matmuls closer to their peak (docs/performance.md has the measured curve); smaller ones
     save memory. Every rank of a vocabulary-parallel group must use the same budget (the ranks
     check it)."""
