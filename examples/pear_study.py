@@ -153,15 +153,15 @@ class Study:
 
     def _token_weights(self, model, ex):
         """PEAR token weights (and the teacher-trace NLL) of (problem, completion, behavior
-        log-probs) examples: (nll, weights (B, T), mask (B, T))."""
+        log-probs) examples: (nll, weights (B, T), mask (B, T)). The NLL per supervised token
+        is read from the same pass's log-probs (summed in float64, as the loss sums them)."""
         batch = encode_batch(self.tok, [p.prompt for p, _, _ in ex], [c for _, c, _ in ex], [lp for _, _, lp in ex])
         with torch.no_grad():
             hidden = final_hidden_states(model, batch.input_ids)[:, :-1]
             w, b = lm_head_params(model)
-            nll = fused_pear_loss(hidden, w, batch.labels, batch.behavior_logprobs, bias=b,
-                                  config=PEARConfig(variant="none"))
             _, st = fused_pear_loss(hidden, w, batch.labels, batch.behavior_logprobs, bias=b,
                                     config=PEARConfig(variant="token"), return_stats=True)
+        nll = -st.token_logprobs[st.mask].double().sum() / max(int(st.mask.sum()), 1)
         return float(nll), st.weights, st.mask
 
     @staticmethod
