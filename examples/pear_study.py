@@ -335,10 +335,13 @@ class Study:
         pending = [p for p in piece_order(self.cfg) if p[0] % n == k]
         for _ in range(2):  # plain_lr pieces wait for their token piece; a second pass picks them up
             pending = [p for p in pending if self.run_piece(*p) not in ("done", "skipped")]
-        for seed in range(k, self.cfg.seeds, n):
-            if self.styles(seed) not in ("done", "skipped"):
-                pending.append((seed, "styles"))
-        return pending
+        return pending + self.run_styles(shard)
+
+    def run_styles(self, shard: Tuple[int, int] = (0, 1)):
+        """The style probes of this shard's seeds; returns those still waiting for their piece."""
+        k, n = shard
+        return [(seed, "styles") for seed in range(k, self.cfg.seeds, n)
+                if self.styles(seed) not in ("done", "skipped")]
 
 
 def _style_ratio(probe):
@@ -556,10 +559,7 @@ def main(argv=None):
         k, n = (int(x) for x in a.shard.split("/"))
         if not 0 <= k < n:
             p.error(f"--shard: expected K/N with 0 <= K < N, got {a.shard!r}")
-        if a.command == "run":
-            left = st.run((k, n))
-        else:
-            left = [(s, "styles") for s in range(k, cfg.seeds, n) if st.styles(s) not in ("done", "skipped")]
+        left = st.run((k, n)) if a.command == "run" else st.run_styles((k, n))
         print(f"finished; {len(left)} pieces left over; wall {time.time() - start:.0f} s")
     text, _ = report(a.data, cfg.seeds)
     if a.tiny:
